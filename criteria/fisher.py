@@ -1,0 +1,177 @@
+"""Diagonal Fisher and mean gradient, with per-example semantics.
+
+Labels (where the per-example gradient's targets come from):
+- ``exact``: expectation over the model's predictive distribution, one backward per class
+  weighted by sqrt(p_c) (the true Fisher; classification only);
+- ``sampled``: ``samples`` targets drawn from the model per example (Monte Carlo true Fisher);
+- ``empirical``: the data's own targets (the empirical Fisher).
+
+The diagonal is (1/N) sum_i sum_terms (d term_i / d theta)^2 over all N examples seen, so a
+batch of N examples and N batches of one give the same result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from prunekit.criteria.capture import Recorder, capture, scoring_mode
+from prunekit.criteria.persample import conv_sq_grads, linear_sq_grads
+from torch import Tensor, nn
+
+from prunekit.errors import DataError, SettingError, choice_error
+from prunekit.types import Batch, Target, Task, batch_size
+
+LABELS = ("exact", "sampled", "empirical")
+
+
+def check_labels(labels: str, task: Task, samples: int = 1) -> None:
+    """Raise SettingError unless ``labels`` is valid for ``task`` (and samples >= 1)."""
+    if labels not in LABELS:
+        raise choice_error("Fisher labels", labels, LABELS)
+    if labels == "exact" and task.kind != "classification":
+        raise SettingError(
+            f"Fisher labels 'exact' need a classification task, not {task.kind!r}; "
+            "use --fisher-labels sampled or empirical"
+        )
+    if labels == "sampled" and (int(samples) != samples or samples < 1):
+        raise SettingError(f"Fisher samples {samples!r} must be an integer >= 1")
+
+
+def label_sets(
+    task: Task, outputs: Tensor, batch: Batch, labels: str, samples: int, gen: torch.Generator
+) -> list[Tensor] | None:
+    """Targets of each per-example term for one batch; None means exact (all classes)."""
+    if labels == "empirical":
+        try:
+            return [task.targets(batch)]
+        except (IndexError, KeyError, TypeError) as exc:
+            raise DataError("Fisher labels 'empirical' need data with labels") from exc
+    if labels == "sampled":
+        return [task.sample(outputs, gen) for _ in range(samples)]
+    return None
+
+
+def term_values(task: Task, outputs: Tensor, sets: list[Tensor] | None) -> list[Tensor]:
+    """Per-example scalars (each shape (N,)) whose squared gradients sum to the Fisher."""
+    if sets is None:
+        logp = torch.log_softmax(outputs, dim=-1)
+        root_p = logp.detach().exp().sqrt()
+        return [-(logp[:, c] * root_p[:, c]) for c in range(logp.shape[-1])]
+    weight = 1.0 / math.sqrt(len(sets))
+    return [task.nll(outputs, y) * weight for y in sets]
+
+
+def _hook_sq_grads(module: nn.Module, rec: Recorder, name: str, gy: Tensor) -> Tensor | None:
+    x = rec.inputs[name][0]
+    if isinstance(module, nn.Linear):
+        return linear_sq_grads(x, gy)
+    return conv_sq_grads(module, x, gy)
+
+
+def slice_batch(batch: Batch, index: int) -> Batch:
+    """The example ``index`` of a batch as a batch of one (tensors, tuples, dicts)."""
+    if isinstance(batch, Tensor):
+        return batch[index : index + 1]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(b, index) for b in batch)
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, index) for k, v in batch.items()}
+    return batch
+
+
+def _fast_modules(model: nn.Module, targets: dict[str, Target]) -> dict[str, str]:
+    """Target name -> module name for weights whose squared gradients come from hooks."""
+    from prunekit.criteria.persample import supports_fast_path
+
+    modules = dict(model.named_modules())
+    return {
+        t.name: t.module
+        for t in targets.values()
+        if t.name == (f"{t.module}.weight" if t.module else "weight")
+        and supports_fast_path(modules[t.module])
+    }
+
+
+def _accumulator(p: Tensor) -> Tensor:
+    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    return torch.zeros(p.shape, dtype=dtype, device=p.device)
+
+
+def _loop_sq_grads(model, task, batch, sets, names, params, acc) -> None:
+    """Slow path: one example at a time, autograd w.r.t. the parameters themselves."""
+    tensors = [params[n] for n in names]
+    for i in range(batch_size(batch)):
+        sub = slice_batch(batch, i)
+        sub_sets = None if sets is None else [y[i : i + 1] for y in sets]
+        for term in term_values(task, task.forward(model, sub), sub_sets):
+            grads = torch.autograd.grad(term.sum(), tensors, retain_graph=True, allow_unused=True)
+            for n, g in zip(names, grads, strict=True):
+                if g is not None:
+                    acc[n] += g.detach().to(acc[n].dtype).pow(2)
+
+
+def squared_gradient_sums(
+    model: nn.Module,
+    task: Task,
+    targets: dict[str, Target],
+    batches: Iterable[Batch],
+    labels: str = "exact",
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """(sum over examples and label terms of squared per-example gradients, examples seen).
+
+    Result tensors have the targets' shapes, float32 (float64 for float64 models). Linear
+    and Conv weights go through hooks (one backward per label term per batch); any other
+    target through a per-example autograd loop. Model state is left untouched.
+    """
+    check_labels(labels, task, samples)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    params = dict(model.named_parameters())
+    acc = {n: _accumulator(params[n]) for n in targets}
+    fast = _fast_modules(model, targets)
+    modules = dict(model.named_modules())
+    seen = 0
+    with scoring_mode(model), capture(model, set(fast.values())) as rec:
+        for batch in batches:
+            rec.clear()
+            outputs = task.forward(model, batch)
+            sets = label_sets(task, outputs, batch, labels, samples, gen)
+            hooked = {n: m for n, m in fast.items() if rec.single_call(m)}
+            for term in term_values(task, outputs, sets):
+                grads = rec.output_grads(term.sum(), sorted(set(hooked.values())))
+                for n, m in hooked.items():
+                    sq = _hook_sq_grads(modules[m], rec, m, grads[m][0].detach())
+                    acc[n] += sq.to(acc[n].dtype)
+            slow = [n for n in targets if n not in hooked]
+            if slow:
+                _loop_sq_grads(model, task, batch, sets, slow, params, acc)
+            seen += batch_size(batch)
+            del outputs
+    if seen == 0:
+        raise DataError("no examples to estimate the Fisher from (the data is empty)")
+    return acc, seen
+
+
+def mean_gradient(
+    model: nn.Module, task: Task, names: Iterable[str], batches: Iterable[Batch]
+) -> dict[str, Tensor]:
+    """Mean over examples of the training-loss gradient (data labels), per named tensor."""
+    params = dict(model.named_parameters())
+    names = list(names)
+    acc = {n: _accumulator(params[n]) for n in names}
+    seen = 0
+    with scoring_mode(model):
+        for batch in batches:
+            n_batch = batch_size(batch)
+            loss = task.loss(task.forward(model, batch), batch) * n_batch
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            for n, g in zip(names, grads, strict=True):
+                if g is not None:
+                    acc[n] += g.detach().to(acc[n].dtype)
+            seen += n_batch
+    if seen == 0:
+        raise DataError("no examples to estimate the gradient from (the data is empty)")
+    return {n: a / seen for n, a in acc.items()}
