@@ -1,0 +1,54 @@
+"""Example recipes for `prunekit example NAME`: which model to train on which bundled data.
+
+Pure data: the pipeline builds the model from ``arch`` and trains it on ``data``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Example:
+    """A trainable example: arch spec, data spec and training budget.
+
+    epochs: passes over the training split; lr: SGD learning rate (momentum 0.9).
+    """
+
+    arch: str
+    data: str
+    epochs: int
+    lr: float
+    description: str
+
+
+EXAMPLES: dict[str, Example] = {
+    "mlp-mnist": Example(
+        "prunekit.models:mlp?sizes=784,300,100,10&act=tanh",
+        "mnist5k",
+        30,
+        0.01,
+        "the paper's 784-300-100-10 tanh MLP on 5,000 real MNIST digits",
+    ),
+    "mlp-digits": Example(
+        "prunekit.models:mlp?sizes=64,128,64,10&act=tanh",
+        "digits",
+        40,
+        0.05,
+        "a 64-128-64-10 tanh MLP on scikit-learn's 8x8 digits (seconds)",
+    ),
+    "cnn-digits": Example(
+        "prunekit.models:cnn?in_channels=1&image_size=8&channels=16,32&hidden=64&classes=10",
+        "digits",
+        30,
+        0.05,
+        "a two-stage CNN on scikit-learn's 8x8 digits",
+    ),
+    "cnn-mnist": Example(
+        "prunekit.models:cnn?in_channels=1&image_size=28&channels=16,32&hidden=64&classes=10",
+        "mnist5k",
+        10,
+        0.02,
+        "a two-stage CNN on 5,000 real MNIST digits",
+    ),
+}
