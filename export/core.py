@@ -1,0 +1,191 @@
+"""export_onnx: cleanup, export, storage rewrite, verification, receipt."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+from prunekit.prune.masks import masks_from_weights
+from torch import Tensor, nn
+
+from prunekit.errors import ModelError, RunDirError
+
+from . import cleanup as clean
+from .exporters import DEFAULT_OPSET, export_proto, opset_of
+from .graph import apply_storage, decoded_value
+from .match import count_pruned, float_params, match_initializers
+from .receipt import MEMORY_NOTE
+from .storage import check_modes, check_opset
+from .verify import check, check_weights, latencies, parity, session
+
+log = logging.getLogger(__name__)
+
+_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+def default_targets(net: nn.Module) -> list[str]:
+    """Names of prunable weights: Linear/Conv weights and recurrent weight_ih*/weight_hh*."""
+    names = []
+    for mod_name, mod in net.named_modules():
+        for p_name, _ in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(mod, clean.LAYERS) and p_name == "weight":
+                names.append(full)
+            elif isinstance(mod, _RECURRENT) and p_name.startswith(("weight_ih", "weight_hh")):
+                names.append(full)
+    return names
+
+
+def _check_path(path: Path, overwrite: bool) -> None:
+    if not path.parent.is_dir():
+        raise RunDirError(f"output directory {str(path.parent)!r} does not exist; create it first")
+    if path.exists() and not overwrite:
+        raise RunDirError(f"{str(path)!r} already exists; pass overwrite=True (--overwrite)")
+
+
+def _masks(net: nn.Module, masks: dict | None) -> dict[str, Tensor]:
+    params = dict(net.named_parameters())
+    if masks is None:
+        return masks_from_weights({n: params[n] for n in default_targets(net)})
+    out = {}
+    for name, mask in masks.items():
+        if name not in params or tuple(mask.shape) != tuple(params[name].shape):
+            raise ModelError(
+                f"mask {name!r} fits no parameter of the model (shape {tuple(mask.shape)}); "
+                f"parameters: {sorted(params)[:8]}..."
+            )
+        out[name] = mask.detach().bool().cpu()
+    return out
+
+
+def _prepare(model: nn.Module, masks: dict | None, do_cleanup: bool) -> tuple:
+    """(reference pruned copy, cleaned export copy, cleaned masks, cleanup record)."""
+    ref = copy.deepcopy(model).cpu().eval()
+    ref_masks = _masks(ref, masks)
+    clean.bake_masks(ref, ref_masks)
+    net = copy.deepcopy(ref)
+    net_masks = {n: m.clone() for n, m in ref_masks.items()}
+    record = {"actions": [], "skipped": [], "params_before": float_params(ref)}
+    if do_cleanup:
+        for act, skip in (clean.fold_batchnorm(net), clean.remove_dead_units(net, net_masks)):
+            record["actions"] += act
+            record["skipped"] += skip
+    else:
+        record["skipped"].append("cleanup disabled (cleanup=False)")
+    record["params_after"] = float_params(net)
+    return ref, net, net_masks, record
+
+
+def _build(net, masks, example, storage, quantize, opset, exporter) -> tuple:
+    """(dense proto, stored proto, tensor rows, expected decoded weights, missing, exporter)."""
+    dense, used = export_proto(net, example, opset, exporter)
+    check_opset(opset_of(dense), storage, quantize)
+    candidates, missing = match_initializers(dense, net, count_pruned(masks))
+    stored = onnx.ModelProto()
+    stored.CopyFrom(dense)
+    rows = apply_storage(stored, candidates, storage, quantize)
+    inits = {t.name: t for t in dense.graph.initializer}
+    expected = {
+        c.onnx_name: (
+            decoded_value(numpy_helper.to_array(inits[c.onnx_name]), r["stored_as"], c.axis),
+            c.pruned,
+        )
+        for c, r in zip(candidates, rows, strict=True)
+    }
+    return dense, stored, rows, expected, missing, used
+
+
+def _write_verified(stored, path: Path, verify_fn) -> tuple[dict, float]:
+    """Save to a temp file beside ``path``, verify it, then rename; nothing left on failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save_model(stored, tmp)
+        result, created = verify_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return result, created
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Tensor,
+    storage: str = "packed",
+    quantize: str | None = None,
+    opset: int | None = None,
+    masks: dict[str, Tensor] | None = None,
+    verify_inputs: Tensor | None = None,
+    verify_targets: Tensor | None = None,
+    cleanup: bool = True,
+    latency: bool = True,
+    *,
+    exporter: str = "torchscript",
+    overwrite: bool = True,
+    max_accuracy_drop: float | None = None,
+) -> dict:
+    """Export a pruned model to ONNX at ``path``, verify it, and return the receipt.
+
+    model: any nn.Module (left untouched; a CPU eval copy is exported). example_input:
+    a tensor [N, ...] whose dim 0 is the batch (exported as dynamic). masks: parameter name
+    -> bool tensor (True = keep); None reads them off the zeros of the default targets.
+    storage: one of STORAGE_MODES; quantize: None or 'int8' (packed only); opset: ONNX opset
+    (default 18). verify_inputs/verify_targets: [N, ...] inputs (default: example_input)
+    and class indices [N] for the int8 accuracy change. cleanup: fold BatchNorm and remove
+    dead units first. latency: time onnxruntime and PyTorch at batch 1 and 64 (ms).
+    Raises SettingError/RunDirError/ModelError (exit 2) before writing anything, or
+    VerificationError (exit 1) after verification fails; on failure no file is at ``path``.
+    """
+    start = time.perf_counter()
+    check_modes(storage, quantize)
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    check_opset(opset, storage, quantize)
+    path = Path(path)
+    _check_path(path, overwrite)
+    ref, net, net_masks, record = _prepare(model, masks, cleanup)
+    example = example_input.detach().cpu()
+    dense, stored, rows, expected, missing, used = _build(
+        net, net_masks, example, storage, quantize, opset, exporter
+    )
+    inputs = example if verify_inputs is None else verify_inputs.detach().cpu()
+
+    def verify(tmp: str) -> tuple[dict, float]:
+        written = onnx.load(tmp)
+        result = {"checker": check(written)}
+        sess, created = session(tmp)
+        result.update(parity(sess, ref, inputs, verify_targets, quantize is not None,
+                             max_accuracy_drop))
+        result["weights"] = check_weights(written, expected)
+        return result, created
+
+    verification, created = _write_verified(stored, path, verify)
+    size = path.stat().st_size
+    dense_bytes = 4 * record["params_before"]
+    receipt = {
+        "path": str(path), "storage": storage, "quantize": quantize, "exporter": used,
+        "opset": opset_of(stored),
+        "bytes": {"file": size, "dense_fp32": dense_bytes, "ratio": size / dense_bytes},
+        "tensors": rows, "unmatched_weights": missing, "cleanup": record,
+        "verification": verification, "session_creation_s": created, "memory_note": MEMORY_NOTE,
+    }  # fmt: skip
+    if latency:
+        receipt["latency"] = _latency(path, dense, storage, ref, example)
+    receipt["seconds"] = time.perf_counter() - start
+    log.info("exported %s (%s, %.4fx dense fp32)", path, storage, size / dense_bytes)
+    return receipt
+
+
+def _latency(path: Path, dense: onnx.ModelProto, storage: str, ref, example) -> dict:
+    """Latency of the written file, of the dense ONNX of the same graph, and of PyTorch."""
+    sessions = {f"onnxruntime_{storage}": session(str(path))[0]}
+    if storage != "dense":
+        sessions["onnxruntime_dense"] = session(dense.SerializeToString())[0]
+    return latencies(sessions, ref, example)

@@ -1,0 +1,200 @@
+"""Verification of a written ONNX file, and latency measurement.
+
+Verification never trusts the writer: it re-reads the file, runs onnx.checker, opens an
+onnxruntime CPU session, compares outputs with the PyTorch pruned model and reads back the
+decoded weights that onnxruntime actually computes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper, numpy_helper
+from torch import Tensor, nn
+
+from prunekit.errors import VerificationError
+
+FP32_TOL = 1e-5
+
+
+def session(source: str | bytes) -> tuple[ort.InferenceSession, float]:
+    """(CPU session, seconds to create it) with as many threads as torch uses."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3
+    start = time.perf_counter()
+    sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    return sess, time.perf_counter() - start
+
+
+def run_onnx(sess: ort.InferenceSession, x: Tensor) -> np.ndarray:
+    """First output of ``sess`` on input ``x`` (float32)."""
+    name = sess.get_inputs()[0].name
+    return sess.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})[0]
+
+
+def run_torch(net: nn.Module, x: Tensor) -> np.ndarray:
+    """First output of ``net`` on ``x`` in inference mode, as numpy."""
+    with torch.inference_mode():
+        out = net(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.detach().cpu().numpy()
+
+
+def check(model: onnx.ModelProto) -> str:
+    """Run onnx.checker; full_check (with shape inference) unless the graph holds sparse
+    initializers, which onnx's shape inference types as sparse tensors no op accepts.
+    Returns 'full' or 'basic'."""
+    full = len(model.graph.sparse_initializer) == 0
+    try:
+        onnx.checker.check_model(model, full_check=full)
+    except Exception as exc:  # checker raises several unrelated exception types
+        raise VerificationError(f"onnx.checker rejected the exported model: {exc}") from exc
+    return "full" if full else "basic"
+
+
+def _accuracy(out: np.ndarray, targets: Tensor | None) -> float | None:
+    if targets is None or out.ndim != 2:
+        return None
+    return float((out.argmax(-1) == targets.cpu().numpy()).mean())
+
+
+def parity(
+    sess: ort.InferenceSession,
+    ref: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | None,
+    quantized: bool,
+    max_accuracy_drop: float | None,
+) -> dict:
+    """Compare onnxruntime with the PyTorch pruned model on ``inputs`` [N, ...].
+
+    fp32: max abs diff must be <= 1e-5. int8: the accuracy change (onnx - torch, as a
+    fraction, on ``targets``) is reported and checked against ``max_accuracy_drop`` if set.
+    Raises VerificationError with the numbers on failure.
+    """
+    got, want = run_onnx(sess, inputs), run_torch(ref, inputs)
+    if got.shape != want.shape:
+        raise VerificationError(f"onnx output shape {got.shape} != pytorch {want.shape}")
+    diff = float(np.abs(got.astype(np.float64) - want).max()) if got.size else 0.0
+    out = {"n_inputs": int(inputs.shape[0]), "max_abs_diff": diff}
+    if not np.isfinite(got).all():
+        raise VerificationError("onnxruntime produced non-finite outputs")
+    acc_t, acc_o = _accuracy(want, targets), _accuracy(got, targets)
+    if acc_t is not None:
+        out.update(accuracy_pytorch=acc_t, accuracy_onnx=acc_o, accuracy_change=acc_o - acc_t)
+    if not quantized:
+        out["tolerance"] = FP32_TOL
+        if diff > FP32_TOL:
+            raise VerificationError(
+                f"export parity failed: max abs diff {diff:.3g} > {FP32_TOL:g} on "
+                f"{out['n_inputs']} inputs"
+            )
+    elif max_accuracy_drop is not None and acc_t is not None and acc_t - acc_o > max_accuracy_drop:
+        raise VerificationError(
+            f"int8 export lost {acc_t - acc_o:.4f} accuracy ({acc_t:.4f} -> {acc_o:.4f}); "
+            f"allowed {max_accuracy_drop}"
+        )
+    return out
+
+
+def _sparse_dense(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Dense arrays of the graph's sparse initializers (what onnxruntime densifies)."""
+    out = {}
+    for sp in model.graph.sparse_initializer:
+        values, idx = numpy_helper.to_array(sp.values), numpy_helper.to_array(sp.indices)
+        dense = np.zeros(int(np.prod(sp.dims)), dtype=values.dtype)
+        dense[idx.reshape(-1)] = values
+        out[sp.values.name] = dense.reshape(tuple(sp.dims))
+    return out
+
+
+def decoded_weights(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """The tensors ``names`` as onnxruntime computes them from ``model``.
+
+    Packed and dense tensors are read by exposing them as extra graph outputs of a copy and
+    running it (so the real decoding subgraph runs); sparse initializers are densified
+    from their values and indices (a sparse tensor cannot be a graph output).
+    """
+    sparse = _sparse_dense(model)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    wanted = [n for n in names if n not in sparse]
+    for name in wanted:
+        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    out = {n: sparse[n] for n in names if n in sparse}
+    if wanted:
+        sess, _ = session(probe.SerializeToString())
+        feeds = {}
+        for inp in sess.get_inputs():
+            shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+            feeds[inp.name] = np.zeros(shape, np.float32)
+        values = sess.run(wanted, feeds)
+        out.update(zip(wanted, values, strict=True))
+    return out
+
+
+def check_weights(model: onnx.ModelProto, expected: dict[str, tuple[np.ndarray, int]]) -> dict:
+    """Each decoded tensor must equal its expected value and hold >= its mask's zeros.
+
+    expected: onnx name -> (array the tensor must decode to, number of pruned entries).
+    Returns {'tensors': n, 'zeros': decoded zero count, 'pruned': mask zero count}.
+    """
+    got = decoded_weights(model, list(expected))
+    zeros = pruned = 0
+    for name, (want, n_pruned) in expected.items():
+        have = got[name]
+        if have.shape != want.shape or not np.array_equal(have, want):
+            bad = np.abs(have.astype(np.float64) - want).max() if have.shape == want.shape else -1
+            raise VerificationError(
+                f"decoded weight {name!r} differs from the pruned weight "
+                f"(shape {have.shape} vs {want.shape}, max abs diff {bad:.3g})"
+            )
+        n_zero = int(have.size - np.count_nonzero(have))
+        if n_zero < n_pruned:
+            raise VerificationError(
+                f"decoded weight {name!r} has {n_zero} zeros, fewer than its {n_pruned} "
+                "pruned entries"
+            )
+        zeros, pruned = zeros + n_zero, pruned + n_pruned
+    return {"tensors": len(expected), "zeros": zeros, "pruned": pruned}
+
+
+def latency_ms(fn, runs: int = 50, warmup: int = 5) -> dict[str, float]:
+    """p50/p90 wall time of ``fn()`` in milliseconds over ``runs`` timed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
+
+
+def batch_of(example: Tensor, size: int) -> Tensor:
+    """``size`` copies of the first example of ``example`` [N, ...] along dim 0."""
+    return example[:1].expand(size, *example.shape[1:]).contiguous()
+
+
+def latencies(sessions: dict, ref: nn.Module, example: Tensor, runs: int = 50) -> dict:
+    """{runner: {'batch1'|'batch64': {'p50_ms', 'p90_ms'}}} for onnx sessions and PyTorch."""
+    out = {}
+    for size in (1, 64):
+        x = batch_of(example, size)
+        feed = x.numpy().astype(np.float32)
+        for label, sess in sessions.items():
+            name = sess.get_inputs()[0].name
+            out.setdefault(label, {})[f"batch{size}"] = latency_ms(
+                lambda s=sess, f={name: feed}: s.run(None, f), runs
+            )
+        with torch.inference_mode():
+            out.setdefault("pytorch", {})[f"batch{size}"] = latency_ms(
+                lambda x=x: ref(x), runs
+            )
+    return out
