@@ -174,8 +174,12 @@ def _shrink(a: nn.Module, b: nn.Module, keep: list[int], cols: list[slice]) -> T
     if a.bias is not None:
         a.bias = nn.Parameter(a.bias[idx].clone())
     b.weight = nn.Parameter(b.weight[:, col_idx].clone())
-    for mod, attr, val in ((a, "out_features", len(keep)), (a, "out_channels", len(keep)),
-                           (b, "in_features", len(col_idx)), (b, "in_channels", len(keep))):
+    for mod, attr, val in (
+        (a, "out_features", len(keep)),
+        (a, "out_channels", len(keep)),
+        (b, "in_features", len(col_idx)),
+        (b, "in_channels", len(keep)),
+    ):
         if hasattr(mod, attr):
             setattr(mod, attr, val)
     return col_idx
@@ -232,8 +236,9 @@ def remove_dead_units(net: nn.Module, masks: dict[str, Tensor]) -> tuple[list[st
                 if action is None:
                     continue
                 col_idx = _shrink(a, b, keep, cols)
-                _slice_masks(masks, (f"{where}.weight", f"{_qual(prefix, b_key)}.weight"),
-                             keep, col_idx)
+                _slice_masks(
+                    masks, (f"{where}.weight", f"{_qual(prefix, b_key)}.weight"), keep, col_idx
+                )
                 actions.append(action)
                 changed = True
     return actions, skipped

@@ -161,8 +161,9 @@ def export_onnx(
         written = onnx.load(tmp)
         result = {"checker": check(written)}
         sess, created = session(tmp)
-        result.update(parity(sess, ref, inputs, verify_targets, quantize is not None,
-                             max_accuracy_drop))
+        result.update(
+            parity(sess, ref, inputs, verify_targets, quantize is not None, max_accuracy_drop)
+        )
         result["weights"] = check_weights(written, expected)
         return result, created
 

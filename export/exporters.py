@@ -66,9 +66,7 @@ def export_proto(
             errors.append(f"{name}: {type(exc).__name__}: {first[:300]}")
             continue
         return proto, name
-    raise ModelError(
-        f"no ONNX exporter could handle {type(net).__name__}: " + " | ".join(errors)
-    )
+    raise ModelError(f"no ONNX exporter could handle {type(net).__name__}: " + " | ".join(errors))
 
 
 def opset_of(model: onnx.ModelProto) -> int:

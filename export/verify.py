@@ -194,7 +194,5 @@ def latencies(sessions: dict, ref: nn.Module, example: Tensor, runs: int = 50) -
                 lambda s=sess, f={name: feed}: s.run(None, f), runs
             )
         with torch.inference_mode():
-            out.setdefault("pytorch", {})[f"batch{size}"] = latency_ms(
-                lambda x=x: ref(x), runs
-            )
+            out.setdefault("pytorch", {})[f"batch{size}"] = latency_ms(lambda x=x: ref(x), runs)
     return out
