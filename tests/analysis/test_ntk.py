@@ -188,7 +188,7 @@ def test_masked_columns_removed_exactly(keep_fraction):
 
 
 def test_mask_false_excludes_even_nonzero_weights_and_zero_weights_without_mask_count():
-    model, (x, y) = mlp(), data((5,))
+    model, (x, _) = mlp(), data((5,))
     name = "0.weight"
     mask = torch.ones(7, 5, dtype=torch.bool)
     mask[:, 2] = False

@@ -1,0 +1,223 @@
+"""Plots of a run directory: metrics.jsonl (one line per pruning step) and ntk.jsonl.
+
+Every figure is a PNG under run_dir/plots/, written atomically. NTK plots are skipped (and
+the skip logged) when the run has no ntk.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from prunekit.errors import RunDirError
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+NTK_FILE = "ntk.jsonl"
+PLOTS_DIR = "plots"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Parsed lines of a JSON-lines file (blank lines skipped); RunDirError on a bad line."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise RunDirError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _value(value) -> float:
+    """Float for plotting: None (not measured / undefined) becomes NaN (a gap in the line)."""
+    return math.nan if value is None else float(value)
+
+
+def _save(fig, path: Path) -> Path:
+    """Render ``fig`` to ``path`` atomically: a temporary file in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _figure(ncols: int = 1):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0 * ncols, 4.2), layout="constrained")
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _plot_loss_accuracy(metrics: list[dict], out: Path) -> Path:
+    steps = [m["step"] for m in metrics]
+    has_acc = any(m.get("accuracy") is not None for m in metrics)
+    fig, axes = _figure(2 if has_acc else 1)
+    for key, label in (("loss_after_prune", "after prune"), ("loss_after_finetune", "after FT")):
+        axes[0].plot(steps, [_value(m.get(key)) for m in metrics], marker="o", label=label)
+    axes[0].set(xlabel="pruning step (0 = dense)", ylabel="loss", title="Loss")
+    axes[0].legend()
+    if has_acc:
+        for key, label in (("accuracy_after_prune", "after prune"), ("accuracy", "after FT")):
+            axes[1].plot(steps, [_value(m.get(key)) for m in metrics], marker="o", label=label)
+        axes[1].set(xlabel="pruning step (0 = dense)", ylabel="accuracy", title="Accuracy")
+        axes[1].legend()
+    return _save(fig, out / "loss_accuracy.png")
+
+
+def _plot_sparsity(metrics: list[dict], out: Path) -> Path:
+    fig, (ax,) = _figure()
+    steps = [m["step"] for m in metrics]
+    names = list(dict.fromkeys(n for m in metrics for n in (m.get("per_layer") or {})))
+    for name in names:
+        ax.plot(steps, [_value((m.get("per_layer") or {}).get(name)) for m in metrics], label=name)
+    ax.plot(steps, [_value(m.get("sparsity")) for m in metrics], "k--", lw=2, label="global")
+    ax.set(xlabel="pruning step (0 = dense)", ylabel="fraction pruned", title="Sparsity")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize="small")
+    return _save(fig, out / "sparsity.png")
+
+
+def _milestones(records: list[dict]) -> list[dict]:
+    """Records at step boundaries: dense, after each prune, end of each fine-tune, final."""
+    last_ft: dict[int, dict] = {}
+    for r in records:
+        if r.get("phase") == "finetune":
+            best = last_ft.get(r["step"])
+            if best is None or (r.get("iteration") or 0) >= (best.get("iteration") or 0):
+                last_ft[r["step"]] = r
+    keep = [r for r in records if r.get("phase") in ("dense", "prune", "final")]
+    keep += list(last_ft.values())
+    order = {"dense": 0, "prune": 1, "finetune": 2, "final": 3}
+    return sorted(keep, key=lambda r: (r["step"], order.get(r.get("phase"), 4)))
+
+
+# Where a milestone sits on the step axis: fine-tuning results half a step after the pruning.
+_OFFSET = {"dense": 0.0, "prune": 0.0, "finetune": 0.5, "final": 0.75}
+
+
+def _plot_alignment_steps(records: list[dict], metrics: list[dict], out: Path) -> Path:
+    fig, (ax,) = _figure()
+    marks = _milestones(records)
+    xs = [r["step"] + _OFFSET.get(r.get("phase"), 0.0) for r in marks]
+    ax.plot(xs, [_value(r.get("alignment_train")) for r in marks], "C0-o", label="train probe")
+    ax.plot(xs, [_value(r.get("alignment_val")) for r in marks], "C0--s", label="val probe")
+    ax.set(xlabel="pruning step (+0.5 = after its fine-tuning)", ylabel="NTK alignment")
+    ax.set_title("Tangent-kernel alignment while pruning")
+    twin = ax.twinx()
+    twin.plot(
+        [m["step"] for m in metrics],
+        [_value(m.get("sparsity")) for m in metrics],
+        "C3:",
+        lw=1.5,
+        label="sparsity",
+    )
+    twin.set_ylabel("sparsity (fraction pruned)", color="C3")
+    twin.set_ylim(-0.02, 1.02)
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="best", fontsize="small")
+    return _save(fig, out / "ntk_alignment_steps.png")
+
+
+def _plot_alignment_iterations(records: list[dict], out: Path) -> Path:
+    from matplotlib import colormaps
+
+    fig, (ax,) = _figure()
+    by_step: dict[int, list[dict]] = {}
+    for r in records:
+        if r.get("phase") == "finetune" and r.get("iteration") is not None:
+            by_step.setdefault(r["step"], []).append(r)
+    cmap = colormaps["viridis"]
+    for k, (step, rows) in enumerate(sorted(by_step.items())):
+        rows = sorted(rows, key=lambda r: r["iteration"])
+        colour = cmap(k / max(len(by_step) - 1, 1))
+        its = [r["iteration"] for r in rows]
+        ax.plot(
+            its,
+            [_value(r.get("alignment_train")) for r in rows],
+            "-",
+            color=colour,
+            label=f"step {step}",
+        )
+        ax.plot(its, [_value(r.get("alignment_val")) for r in rows], "--", color=colour)
+    # symlog keeps iteration 0 on a log-like axis (the paper plots log iterations).
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set(xlabel="fine-tuning iteration", ylabel="NTK alignment")
+    ax.set_title("Alignment during fine-tuning (solid: train, dashed: val)")
+    if by_step:
+        ax.legend(fontsize="small", ncol=2)
+    return _save(fig, out / "ntk_alignment_finetune.png")
+
+
+def _plot_per_layer_heatmap(records: list[dict], out: Path) -> Path:
+    import numpy as np
+
+    marks = _milestones(records)
+    names = list(dict.fromkeys(n for r in marks for n in (r.get("per_layer_train") or {})))
+    grid = np.array(
+        [[_value((r.get("per_layer_train") or {}).get(n)) for r in marks] for n in names]
+    ).reshape(len(names), len(marks))
+    fig, (ax,) = _figure()
+    image = ax.imshow(
+        np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest"
+    )
+    fig.colorbar(image, ax=ax, label="alignment of the layer's kernel (train probe)")
+    short = {"dense": "d", "prune": "p", "finetune": "f", "final": "F"}
+    labels = [f"{r['step']}{short.get(r.get('phase'), '?')}" for r in marks]
+    stride = max(1, len(labels) // 20)  # keep tick labels legible on long runs
+    ax.set_xticks(range(0, len(labels), stride), labels[::stride], rotation=90)
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="step + phase (d dense, p pruned, f fine-tuned, F final)")
+    ax.set_title("Per-layer NTK alignment")
+    return _save(fig, out / "ntk_per_layer.png")
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write the run's plots to run_dir/plots/ and return their paths (PNG, Agg backend).
+
+    Always: loss_accuracy.png (loss, and accuracy when measured, after prune and after
+    fine-tuning, vs step) and sparsity.png (per-layer and global fraction pruned vs step).
+    With ntk.jsonl: ntk_alignment_steps.png (train/val alignment vs step, sparsity on a
+    second axis), ntk_alignment_finetune.png (alignment vs fine-tuning iteration, one line
+    per step) and ntk_per_layer.png (heat map, layer x milestone). Without ntk.jsonl those
+    are skipped and the skip is logged. Raises RunDirError when metrics.jsonl is missing,
+    empty or malformed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise RunDirError(f"{run_dir}: no {METRICS_FILE} (not a prunekit run directory?)")
+    metrics = sorted(_read_jsonl(metrics_path), key=lambda m: m.get("step", 0))
+    if not metrics:
+        raise RunDirError(f"{run_dir}: {METRICS_FILE} holds no steps")
+    out = run_dir / PLOTS_DIR
+    out.mkdir(exist_ok=True)
+    written = [_plot_loss_accuracy(metrics, out), _plot_sparsity(metrics, out)]
+    ntk_path = run_dir / NTK_FILE
+    records = _read_jsonl(ntk_path) if ntk_path.is_file() else []
+    if not records:
+        log.info("%s: no NTK records in %s; NTK plots skipped", run_dir, NTK_FILE)
+        return written
+    written.append(_plot_alignment_steps(records, metrics, out))
+    written.append(_plot_alignment_iterations(records, out))
+    written.append(_plot_per_layer_heatmap(records, out))
+    log.info("%s: wrote %d plots to %s", run_dir, len(written), out)
+    return written
