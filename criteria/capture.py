@@ -43,9 +43,11 @@ class Recorder:
         does not influence ``scalar`` gets a zero gradient.
         """
         keys = [(n, i) for n in names for i in range(len(self.outputs[n]))]
+        out: dict[str, list[Tensor]] = {n: [] for n in names}
+        if not keys:  # autograd.grad rejects an empty input list
+            return out
         tensors = [self.outputs[n][i] for n, i in keys]
         grads = torch.autograd.grad(scalar, tensors, retain_graph=True, allow_unused=True)
-        out: dict[str, list[Tensor]] = {n: [] for n in names}
         for (n, _), t, g in zip(keys, tensors, grads, strict=True):
             out[n].append(torch.zeros_like(t) if g is None else g)
         return out

@@ -2,64 +2,117 @@
 
 ``ESTIMATORS`` maps a name (CLI ``--fisher``) to a fit function
 ``fit(model, task, targets, batches, *, labels, samples, generator) -> curvature``;
-the returned value has ``diagonal() -> dict[str, Tensor]`` (parameter space, shaped like
-each target) and ``estimators() -> dict[str, str]`` (which estimator each target got).
+the returned value (``Diag``, ``KFAC``, ``EKFAC``) has ``diagonal() -> dict[str, Tensor]``
+(parameter space, shaped like each target), ``inverse_diagonal(damping, absolute)`` (for
+OBS) and ``estimators() -> dict[str, str]`` (which estimator each target got: KFAC/EKFAC
+fall back to 'diag' for targets they cannot factor).
+
+Default labels (``default_labels``): 'exact' for diag on a classifier (C backward passes,
+the reference code's choice), 'sampled' otherwise — for kfac/ekfac one sampled label per
+example keeps the cost near one forward+backward per pass, and regression has no 'exact'.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
-from prunekit.criteria.fisher import squared_gradient_sums
-from torch import Tensor, nn
+from prunekit.criteria.diag import Diag, fit_diag
+from prunekit.criteria.ekfac import EKFAC, EKFACBasis, fit_ekfac, refit_scaling
+from prunekit.criteria.kfac import KFAC, fit_kfac, split_targets
+from torch import nn
 
-from prunekit.errors import choice_error
-from prunekit.types import Batch, Target, Task
+from prunekit.errors import SettingError, choice_error
+from prunekit.types import Batch, Masks, Target, Task
+
+log = logging.getLogger(__name__)
+
+ESTIMATORS: dict[str, Callable[..., object]] = {
+    "diag": fit_diag,
+    "kfac": fit_kfac,
+    "ekfac": fit_ekfac,
+}
+DEFAULT_ESTIMATOR = "ekfac"
+
+__all__ = ["EKFAC", "EKFACBasis", "KFAC", "Diag", "ESTIMATORS", "fit_curvature"]
 
 
-@dataclass(frozen=True)
-class Diag:
-    """Diagonal Fisher: mean over examples of squared per-example gradients.
+def default_labels(estimator: str, task: Task | None = None) -> str:
+    """The labels an estimator uses when none are given (see the module docstring).
 
-    values: name -> tensor shaped like the target (float32, float64 for float64 models);
-    labels: 'exact' | 'sampled' | 'empirical'; examples: number of examples seen.
+    'exact' for 'diag' (unless ``task`` is given and is not a classifier), else 'sampled'.
     """
-
-    values: dict[str, Tensor]
-    labels: str
-    examples: int
-
-    def diagonal(self) -> dict[str, Tensor]:
-        """The Fisher diagonal per target, in parameter space."""
-        return dict(self.values)
-
-    def estimators(self) -> dict[str, str]:
-        """Which estimator each target got (all 'diag' here)."""
-        return {name: "diag" for name in self.values}
+    classifier = task is None or task.kind == "classification"
+    return "exact" if estimator == "diag" and classifier else "sampled"
 
 
-def fit_diag(
+def check_refit_every(value: int) -> int:
+    """``refit_basis_every`` as an int >= 0 (0 = keep the first basis); SettingError if not."""
+    if isinstance(value, bool) or int(value) != value or value < 0:
+        raise SettingError(
+            f"refit_basis_every {value!r} must be an integer >= 0 (0 = never refit the basis)"
+        )
+    return int(value)
+
+
+def _covers(basis: EKFACBasis, model: nn.Module, targets: dict[str, Target]) -> bool:
+    layers, _ = split_targets(model, targets)
+    return all(basis.layers.get(t) == ly for t, ly in layers.items())
+
+
+def _fit_ekfac_cached(model, task, targets, batches, cache: dict, every: int, **kwargs):
+    """EKFAC reusing ``cache['ekfac_basis']`` unless this step is due for a new basis.
+
+    Steps are counted in ``cache['ekfac_step']``: the basis is fitted at step 0 and, when
+    ``every`` > 0, at every step that is a multiple of ``every``; otherwise only S is refit.
+    """
+    step = int(cache.get("ekfac_step", 0))
+    basis = cache.get("ekfac_basis")
+    due = basis is None or (every > 0 and step % every == 0)
+    if due or not _covers(basis, model, targets):
+        curv = fit_ekfac(model, task, targets, batches, **kwargs)
+        log.info("step %d: fitted a new EKFAC eigenbasis", step)
+    else:
+        curv = refit_scaling(basis, model, task, targets, batches, **kwargs)
+        log.info("step %d: kept the EKFAC eigenbasis, refit the scaling", step)
+    cache["ekfac_basis"] = curv.basis
+    cache["ekfac_step"] = step + 1
+    return curv
+
+
+def fit_curvature(
+    estimator: str,
     model: nn.Module,
     task: Task,
     targets: dict[str, Target],
     batches: Iterable[Batch],
     *,
-    labels: str = "exact",
+    labels: str | None = None,
     samples: int = 1,
     generator: torch.Generator | None = None,
-) -> Diag:
-    """Fit the diagonal Fisher of every target (see ``criteria.fisher`` for label modes)."""
-    sums, seen = squared_gradient_sums(model, task, targets, batches, labels, samples, generator)
-    return Diag({n: s / seen for n, s in sums.items()}, labels, seen)
+    masks: Masks | None = None,
+    cache: dict | None = None,
+    refit_basis_every: int = 0,
+):
+    """Fit the registered estimator ``estimator``; SettingError if unknown.
 
-
-ESTIMATORS: dict[str, Callable[..., object]] = {"diag": fit_diag}
-
-
-def fit_curvature(estimator: str, model, task, targets, batches, **kwargs):
-    """Dispatch to the registered estimator ``estimator``; SettingError if unknown."""
+    labels None = ``default_labels(estimator, task)``. masks (True = keep) make pruned
+    weights contribute nothing to EKFAC's scaling (other estimators ignore them: a pruned
+    weight's own diagonal entry does not change anything else). cache: a dict the caller
+    keeps across pruning steps; with 'ekfac' it holds the eigenbasis, refit every
+    ``refit_basis_every`` steps (0 = only at the first call), S being refit every call.
+    """
     if estimator not in ESTIMATORS:
         raise choice_error("Fisher estimator", estimator, ESTIMATORS)
-    return ESTIMATORS[estimator](model, task, targets, batches, **kwargs)
+    kwargs = {
+        "labels": labels if labels is not None else default_labels(estimator, task),
+        "samples": samples,
+        "generator": generator,
+    }
+    if estimator != "ekfac":
+        return ESTIMATORS[estimator](model, task, targets, batches, **kwargs)
+    if cache is None:
+        return fit_ekfac(model, task, targets, batches, masks=masks, **kwargs)
+    every = check_refit_every(refit_basis_every)
+    return _fit_ekfac_cached(model, task, targets, batches, cache, every, masks=masks, **kwargs)

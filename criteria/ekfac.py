@@ -1,0 +1,305 @@
+"""EKFAC curvature (George et al. 2018): KFAC's eigenbasis with a re-fitted diagonal scaling.
+
+Block, vec and row conventions are those of ``criteria.kfac``. Per factored target (and
+group), with A = U_A diag(lambda_A) U_A^T and G = U_G diag(lambda_G) U_G^T, the Kronecker
+eigenbasis is Q = kron(U_G, U_A) and EKFAC approximates the Fisher block by
+``Q diag(vec S) Q^T`` with
+
+    S[k, l] = (1/N) sum_n sum_terms ( (U_G^T (sum_t g_nt a_nt^T) U_A)[k, l] )^2
+
+i.e. the per-example gradient is projected onto the basis (after summing over positions,
+and after zeroing the entries of pruned weights when masks are given) and then squared.
+S equals diag(Q^T F Q) for the Fisher F of the same examples and label terms, which is
+the Frobenius-optimal diagonal in that basis, so EKFAC is never farther from F than KFAC.
+
+Types: ``EKFACBasis`` holds only the eigenbasis and has no ``diagonal()``; the only ways to
+get an ``EKFAC`` (which has one) are ``fit_ekfac`` and ``refit_scaling``, both of which fit
+S from data. Between pruning steps keep ``ekfac.basis`` and call ``refit_scaling``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from prunekit.criteria.diag import Diag, fit_diag
+from prunekit.criteria.fisher import check_labels
+from prunekit.criteria.kfac import (
+    KFAC,
+    Layer,
+    accumulator_dtype,
+    block_to_params,
+    fit_factors,
+    inverse_diagonal_of,
+    kfe_diagonal,
+    params_to_block,
+    reiterable,
+    split_targets,
+    stream_rows,
+    symmetric_eigh,
+)
+from torch import Tensor, nn
+
+from prunekit.errors import DataError, ModelError
+from prunekit.types import Batch, Masks, Target, Task
+
+# Largest number of per-example projected-gradient entries built at once (~128 MB float32).
+_CHUNK_ENTRIES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EKFACBasis:
+    """The Kronecker eigenbasis only: U_A (g, i', i'), U_G (g, o, o) and their eigenvalues.
+
+    Deliberately has no ``diagonal()``: pass it to ``refit_scaling`` to get an ``EKFAC``.
+    """
+
+    layers: dict[str, Layer]
+    u_a: dict[str, Tensor]
+    u_g: dict[str, Tensor]
+    lambda_a: dict[str, Tensor]
+    lambda_g: dict[str, Tensor]
+
+    def kfac_scaling(self) -> dict[str, Tensor]:
+        """lambda_G ⊗ lambda_A per target (g, o, i'): the scaling under which EKFAC == KFAC."""
+        return {
+            t: self.lambda_g[t][..., :, None] * self.lambda_a[t][..., None, :] for t in self.layers
+        }
+
+
+def eigenbasis(kfac: KFAC) -> EKFACBasis:
+    """Eigendecompose KFAC's factors (float64 solve, stored in the factors' dtype)."""
+    u_a, u_g, lam_a, lam_g = {}, {}, {}, {}
+    for t in kfac.layers:
+        lam_a[t], u_a[t] = symmetric_eigh(kfac.A[t])
+        lam_g[t], u_g[t] = symmetric_eigh(kfac.G[t])
+    return EKFACBasis(dict(kfac.layers), u_a, u_g, lam_a, lam_g)
+
+
+@dataclass(frozen=True)
+class EKFAC:
+    """EKFAC curvature: ``basis`` plus the fitted scaling S per target (g, o, i').
+
+    fallback: ``Diag`` of the targets EKFAC cannot factor (or None); labels, examples: as
+    for ``Diag``. Build it with ``fit_ekfac`` or ``refit_scaling``.
+    """
+
+    basis: EKFACBasis
+    scaling: dict[str, Tensor]
+    fallback: Diag | None
+    labels: str
+    examples: int
+
+    @property
+    def layers(self) -> dict[str, Layer]:
+        """Geometry of the factored targets."""
+        return self.basis.layers
+
+    def kfe(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """(U_G, S, U_A) per factored target."""
+        b = self.basis
+        return {t: (b.u_g[t], self.scaling[t], b.u_a[t]) for t in self.layers}
+
+    def _blocks(self) -> dict[str, dict[str, Tensor]]:
+        return {
+            t: block_to_params(self.layers[t], kfe_diagonal(*parts))
+            for t, parts in self.kfe().items()
+        }
+
+    def diagonal(self) -> dict[str, Tensor]:
+        """Fisher diagonal per target, (U_G∘U_G) S (U_A∘U_A)^T without the bias column."""
+        out = {t: parts[t] for t, parts in self._blocks().items()}
+        return {**out, **(self.fallback.diagonal() if self.fallback else {})}
+
+    def bias_diagonal(self) -> dict[str, Tensor]:
+        """Fisher diagonal of the bias column of each factored layer (bias name -> (out,))."""
+        return {
+            n: v
+            for parts in self._blocks().values()
+            for n, v in parts.items()
+            if n not in self.layers
+        }
+
+    def inverse_diagonal(self, damping: float = 1e-3, absolute: float = 0.0) -> dict[str, Tensor]:
+        """diag((F + lam I)^-1) = (U_G∘U_G) (1/(S+lam)) (U_A∘U_A)^T per target (weights).
+
+        lam = damping * mean(S) + absolute, per target (relative damping keeps one setting
+        meaningful across layers whose curvature differs by orders of magnitude).
+        """
+        return inverse_diagonal_of(self, damping, absolute)
+
+    def estimators(self) -> dict[str, str]:
+        """'ekfac' for factored targets, 'diag' for the fallback ones."""
+        out = {t: "ekfac" for t in self.layers}
+        return {**out, **(self.fallback.estimators() if self.fallback else {})}
+
+
+def _layer_mask(layer: Layer, masks: Masks | None) -> Tensor | None:
+    """Keep-mask as a (g, o, i') block (bias column kept), or None if nothing is pruned."""
+    if masks is None or layer.target not in masks or bool(masks[layer.target].all()):
+        return None
+    return params_to_block(layer, masks[layer.target].float(), None, fill=1.0)
+
+
+def _projected_sq(g: Tensor, a: Tensor, u_g: Tensor, u_a: Tensor, mask: Tensor | None) -> Tensor:
+    """sum_n (U_G^T [(sum_t g_nt a_nt^T) ∘ mask] U_A)^2: g (N,grp,L,o), a (N,grp,L,i')."""
+    if mask is None:
+        g, a = g @ u_g, a @ u_a  # project rows first: cheaper, and exact by linearity
+        if g.shape[2] == 1:  # one position: the square of an outer product factorises
+            return g[:, :, 0].pow(2).permute(1, 2, 0) @ a[:, :, 0].pow(2).transpose(0, 1)
+    n, groups, _, rows = g.shape
+    step = max(1, _CHUNK_ENTRIES // max(1, groups * rows * a.shape[-1]))
+    acc = torch.zeros(groups, rows, a.shape[-1], dtype=g.dtype, device=g.device)
+    for start in range(0, n, step):
+        per_example = g[start : start + step].transpose(-1, -2) @ a[start : start + step]
+        if mask is not None:
+            per_example = u_g.transpose(-1, -2) @ (per_example * mask) @ u_a
+        acc += per_example.pow(2).sum(0)
+    return acc
+
+
+def fit_scaling(
+    model: nn.Module,
+    task: Task,
+    basis: EKFACBasis,
+    batches: Iterable[Batch],
+    *,
+    labels: str,
+    samples: int,
+    generator: torch.Generator,
+    masks: Masks | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """(S per target of ``basis`` (g, o, i'), examples seen); one streamed pass.
+
+    masks (True = keep): pruned weights' per-example gradients are zeroed before projection.
+    """
+    dtype = accumulator_dtype(model)
+    layers = basis.layers
+    u_a = {t: u.to(dtype) for t, u in basis.u_a.items()}
+    u_g = {t: u.to(dtype) for t, u in basis.u_g.items()}
+    keep = {t: _layer_mask(ly, masks) for t, ly in layers.items()}
+    keep = {
+        t: (m.to(dtype=dtype, device=u_a[t].device) if m is not None else None)
+        for t, m in keep.items()
+    }
+    acc = {
+        t: torch.zeros(ly.groups, ly.rows, ly.cols, dtype=dtype, device=u_a[t].device)
+        for t, ly in layers.items()
+    }
+    seen = 0
+    stream = stream_rows(
+        model, task, layers, batches, labels=labels, samples=samples, generator=generator
+    )
+    for n, acts, terms in stream:
+        for grads in terms:
+            for t, g in grads.items():
+                acc[t] += _projected_sq(g, acts[t], u_g[t], u_a[t], keep[t])
+        seen += n
+    if seen == 0:
+        raise DataError("no examples to estimate the Fisher from (the data is empty)")
+    return {t: s / seen for t, s in acc.items()}, seen
+
+
+def _check_basis(basis: EKFACBasis, layers: dict[str, Layer]) -> EKFACBasis:
+    """The part of ``basis`` covering ``layers``; ModelError if a layer has no basis."""
+    missing = [t for t, ly in layers.items() if basis.layers.get(t) != ly]
+    if missing:
+        raise ModelError(
+            f"the cached EKFAC eigenbasis does not cover targets {missing}; "
+            "fit a new basis with fit_ekfac"
+        )
+    keep = list(layers)
+    return EKFACBasis(
+        {t: basis.layers[t] for t in keep},
+        {t: basis.u_a[t] for t in keep},
+        {t: basis.u_g[t] for t in keep},
+        {t: basis.lambda_a[t] for t in keep},
+        {t: basis.lambda_g[t] for t in keep},
+    )
+
+
+def refit_scaling(
+    curvature: EKFACBasis | EKFAC,
+    model: nn.Module,
+    task: Task,
+    targets: dict[str, Target],
+    batches: Iterable[Batch],
+    *,
+    labels: str = "sampled",
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+    masks: Masks | None = None,
+) -> EKFAC:
+    """Keep the eigenbasis of ``curvature`` and fit S (and the diag fallback) on the data.
+
+    targets: the factorable ones must be covered by the basis (ModelError otherwise);
+    unfactorable ones get a fresh ``Diag``. masks (True = keep): pruned weights contribute
+    nothing to S. Model state is left untouched.
+    """
+    check_labels(labels, task, samples)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    basis = curvature.basis if isinstance(curvature, EKFAC) else curvature
+    layers, rest = split_targets(model, targets)
+    basis = _check_basis(basis, layers)
+    if rest and layers:
+        batches = reiterable(batches)
+    scaling, seen = {}, 0
+    if layers:
+        scaling, seen = fit_scaling(
+            model,
+            task,
+            basis,
+            batches,
+            labels=labels,
+            samples=samples,
+            generator=gen,
+            masks=masks,
+        )
+    fallback = None
+    if rest:
+        fallback = fit_diag(
+            model, task, rest, batches, labels=labels, samples=samples, generator=gen
+        )
+        seen = fallback.examples
+    return EKFAC(basis, scaling, fallback, labels, seen)
+
+
+def fit_ekfac(
+    model: nn.Module,
+    task: Task,
+    targets: dict[str, Target],
+    batches: Iterable[Batch],
+    *,
+    labels: str = "sampled",
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+    masks: Masks | None = None,
+) -> EKFAC:
+    """Fit KFAC factors, eigendecompose them, then fit S in that basis (two streamed passes).
+
+    Labels as in ``fit_kfac``; the same ``generator`` draws the labels of both passes.
+    A one-shot iterable of batches is materialised (it is read twice). Extra memory:
+    O(sum in'^2 + out^2) per layer plus one batch of activation rows.
+    """
+    check_labels(labels, task, samples)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    batches = reiterable(batches)
+    layers, _ = split_targets(model, targets)
+    a, g, _ = {}, {}, 0
+    if layers:
+        a, g, _ = fit_factors(
+            model, task, layers, batches, labels=labels, samples=samples, generator=gen
+        )
+    basis = eigenbasis(KFAC(layers, a, g, None, labels, 0))
+    return refit_scaling(
+        basis,
+        model,
+        task,
+        targets,
+        batches,
+        labels=labels,
+        samples=samples,
+        generator=gen,
+        masks=masks,
+    )

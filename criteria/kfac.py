@@ -1,0 +1,388 @@
+"""KFAC curvature (Kronecker factors) for Linear, Conv1d and Conv2d targets.
+
+Conventions used by kfac.py, ekfac.py and obs.py
+------------------------------------------------
+Block. Each factored target is one block per group (1 unless a grouped conv): the weight
+of the group as a matrix ``W_g`` of shape (o, i) (o = out channels of the group, i = in
+channels of the group x kernel size, in ``weight.reshape(out, -1)`` order) with the bias,
+when the module has one, appended as the LAST column: ``[W_g | b_g]``, shape (o, i'),
+i' = i + 1 with a bias, i otherwise.
+
+vec. Row-major: entry (r, c) of the block is parameter r * i' + c. With this convention a
+per-example gradient ``g a^T`` has vec ``kron(g, a)`` and the KFAC block is
+``kron(G, A)`` (torch.kron order; the same matrix is "A (x) G" under column-major vec).
+
+Rows. For one example n, ``a_nt`` (length i', last entry 1 with a bias) and ``g_nt`` (length
+o) are the layer's input patch and the gradient of one label term w.r.t. the layer's output
+at position t (conv output locations, extra leading dims of a Linear input, and repeated
+calls of the module all count as positions). The per-example gradient is
+``sum_t g_nt a_nt^T``.
+
+Factors. N = examples seen, terms as in ``criteria.fisher`` (exact / sampled / empirical):
+
+    A = (1/N) sum_n sum_t a_nt a_nt^T                      (i' x i')
+    G = (1/N) sum_n sum_terms (1/T_n) sum_t g_nt g_nt^T    (o x o)
+
+Every term is a per-example sum, so a batch of N examples and N batches of one give the
+same factors. For a Linear layer on one example, ``kron(G, A)`` is the exact Fisher block;
+for convs the 1/T in G is the KFC convention (Grosse & Martens 2016, nngeometry).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from prunekit.criteria.capture import capture, scoring_mode
+from prunekit.criteria.diag import Diag, damping_value, fit_diag
+from prunekit.criteria.fisher import check_labels, label_sets, term_values
+from prunekit.criteria.persample import conv_patches, supports_fast_path
+from torch import Tensor, nn
+
+from prunekit.errors import DataError, ModelError
+from prunekit.types import Batch, Target, Task, batch_size
+
+_FACTOR_KINDS = ("linear", "conv")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Geometry of one factored target.
+
+    target: the weight's parameter name; module: owning module name; bias: the bias
+    parameter name or None; shape: weight shape; groups: conv groups (1 for Linear).
+    """
+
+    target: str
+    module: str
+    bias: str | None
+    shape: tuple[int, ...]
+    groups: int
+
+    @property
+    def rows(self) -> int:
+        """o: output rows per group."""
+        return self.shape[0] // self.groups
+
+    @property
+    def cols(self) -> int:
+        """i': input columns per group, bias column included."""
+        return math.prod(self.shape[1:]) + (self.bias is not None)
+
+
+def split_targets(
+    model: nn.Module, targets: dict[str, Target]
+) -> tuple[dict[str, Layer], dict[str, Target]]:
+    """(targets KFAC/EKFAC can factor, keyed by target name; the others, for ``diag``).
+
+    Factorable: the ``weight`` of a Linear, or of a Conv1d/Conv2d with zero (or 'valid')
+    padding; grouped convs are factored per group. Everything else (recurrent, embedding,
+    custom, Conv3d, 'same' padding, reflect padding) falls back to the diagonal estimator.
+    """
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    layers: dict[str, Layer] = {}
+    rest: dict[str, Target] = {}
+    for name, t in targets.items():
+        module = modules.get(t.module)
+        own = f"{t.module}.weight" if t.module else "weight"
+        if (
+            t.kind in _FACTOR_KINDS
+            and name == own
+            and module is not None
+            and supports_fast_path(module)
+        ):
+            bias = f"{t.module}.bias" if t.module else "bias"
+            groups = getattr(module, "groups", 1)
+            has_bias = getattr(module, "bias", None) is not None
+            layers[name] = Layer(name, t.module, bias if has_bias else None, t.shape, groups)
+        else:
+            rest[name] = t
+    missing = [n for n in layers if n not in params]
+    if missing:
+        raise ModelError(f"targets {missing} are not parameters of the model")
+    return layers, rest
+
+
+def activation_rows(module: nn.Module, layer: Layer, x: Tensor) -> Tensor:
+    """Input rows a of one call: (N, groups, positions, i'), ones column last with a bias."""
+    n = x.shape[0]
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(n, 1, -1, x.shape[-1])
+    else:
+        cols = conv_patches(module, x)  # (N, C_in * k, L), channel-major like the weight
+        rows = cols.reshape(n, layer.groups, -1, cols.shape[-1]).transpose(2, 3)
+    if layer.bias is not None:
+        ones = torch.ones(*rows.shape[:-1], 1, dtype=rows.dtype, device=rows.device)
+        rows = torch.cat([rows, ones], dim=-1)
+    return rows
+
+
+def gradient_rows(module: nn.Module, layer: Layer, gy: Tensor) -> Tensor:
+    """Output-gradient rows g of one call: (N, groups, positions, o)."""
+    n = gy.shape[0]
+    if isinstance(module, nn.Linear):
+        return gy.reshape(n, 1, -1, gy.shape[-1])
+    return gy.reshape(n, layer.groups, layer.rows, -1).transpose(2, 3)
+
+
+def accumulator_dtype(model: nn.Module) -> torch.dtype:
+    """float64 for float64 models, float32 otherwise (design.md: float32 accumulation)."""
+    p = next(model.parameters(), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+
+def reiterable(batches: Iterable[Batch]) -> Sequence[Batch]:
+    """``batches`` itself if it can be iterated twice (a sequence), else a list of it."""
+    return batches if isinstance(batches, Sequence) else list(batches)
+
+
+def _cat_calls(parts: list[Tensor]) -> Tensor:
+    """Concatenate the rows of repeated calls of one module along the position axis."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def stream_rows(
+    model: nn.Module,
+    task: Task,
+    layers: dict[str, Layer],
+    batches: Iterable[Batch],
+    *,
+    labels: str,
+    samples: int,
+    generator: torch.Generator,
+) -> Iterator[tuple[int, dict[str, Tensor], Iterator[dict[str, Tensor]]]]:
+    """Per batch: (examples, activation rows per target, iterator of gradient rows per term).
+
+    Rows are detached, in the accumulation dtype (see ``activation_rows``/``gradient_rows``).
+    Consume the inner iterator before advancing. Runs in ``scoring_mode``: no trace left.
+    A layer the batch did not reach is absent from both dicts.
+    """
+    modules = dict(model.named_modules())
+    dtype = accumulator_dtype(model)
+    by_module = {ly.module: ly for ly in layers.values()}
+    with scoring_mode(model), capture(model, list(by_module)) as rec:
+        for batch in batches:
+            rec.clear()
+            n = batch_size(batch)
+            outputs = task.forward(model, batch)
+            reached = [m for m in by_module if rec.outputs[m]]
+            for m in reached:
+                if any(x.shape[0] != n for x in rec.inputs[m]):
+                    raise ModelError(
+                        f"module {m!r} saw inputs whose first dimension is not the batch "
+                        f"({n}); exclude it from the targets or use --fisher diag"
+                    )
+            acts = {
+                by_module[m].target: _cat_calls(
+                    [activation_rows(modules[m], by_module[m], x).to(dtype) for x in rec.inputs[m]]
+                )
+                for m in reached
+            }
+            sets = label_sets(task, outputs, batch, labels, samples, generator)
+            yield n, acts, _term_rows(rec, modules, by_module, reached, task, outputs, sets, dtype)
+            del outputs
+
+
+def _term_rows(rec, modules, by_module, reached, task, outputs, sets, dtype):
+    """Gradient rows of each label term (a generator, so only one term is held at once)."""
+    for term in term_values(task, outputs, sets):
+        grads = rec.output_grads(term.sum(), reached)
+        yield {
+            by_module[m].target: _cat_calls(
+                [gradient_rows(modules[m], by_module[m], g.detach()).to(dtype) for g in grads[m]]
+            )
+            for m in reached
+        }
+
+
+def _group_gram(rows: Tensor, scale: Tensor | float = 1.0) -> Tensor:
+    """sum over examples and positions of r r^T per group: rows (N, g, L, d) -> (g, d, d)."""
+    flat = (rows * scale).transpose(0, 1).reshape(rows.shape[1], -1, rows.shape[-1])
+    return flat.transpose(1, 2) @ flat
+
+
+def fit_factors(
+    model: nn.Module,
+    task: Task,
+    layers: dict[str, Layer],
+    batches: Iterable[Batch],
+    *,
+    labels: str,
+    samples: int,
+    generator: torch.Generator,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    """(A per target (groups, i', i'), G per target (groups, o, o), examples seen).
+
+    Means over examples as in the module docstring; batches are streamed once.
+    """
+    dtype = accumulator_dtype(model)
+    device = next(model.parameters()).device
+    a_acc = {
+        t: torch.zeros(ly.groups, ly.cols, ly.cols, dtype=dtype, device=device)
+        for t, ly in layers.items()
+    }
+    g_acc = {
+        t: torch.zeros(ly.groups, ly.rows, ly.rows, dtype=dtype, device=device)
+        for t, ly in layers.items()
+    }
+    seen = 0
+    stream = stream_rows(
+        model, task, layers, batches, labels=labels, samples=samples, generator=generator
+    )
+    for n, acts, terms in stream:
+        for t, a in acts.items():
+            a_acc[t] += _group_gram(a)
+        for grads in terms:
+            for t, g in grads.items():
+                g_acc[t] += _group_gram(g, 1.0 / math.sqrt(g.shape[2]))  # 1/T_n of KFC
+        seen += n
+    if seen == 0:
+        raise DataError("no examples to estimate the Fisher from (the data is empty)")
+    return {t: a / seen for t, a in a_acc.items()}, {t: g / seen for t, g in g_acc.items()}, seen
+
+
+def kfe_diagonal(u_g: Tensor, scale: Tensor, u_a: Tensor) -> Tensor:
+    """diag(Q diag(vec scale) Q^T) as a block, Q = kron(U_G, U_A): (U_G∘U_G) S (U_A∘U_A)^T.
+
+    u_g (g, o, o), scale (g, o, i'), u_a (g, i', i') -> (g, o, i'). Never builds Q.
+    """
+    return u_g.pow(2) @ scale @ u_a.pow(2).transpose(-1, -2)
+
+
+def block_to_params(layer: Layer, block: Tensor) -> dict[str, Tensor]:
+    """Split a (groups, o, i') block into {weight: weight-shaped, bias: (out,)}."""
+    out = {}
+    weight_cols = block[..., : block.shape[-1] - (layer.bias is not None)]
+    out[layer.target] = weight_cols.reshape(layer.shape)
+    if layer.bias is not None:
+        out[layer.bias] = block[..., -1].reshape(layer.shape[0])
+    return out
+
+
+def params_to_block(layer: Layer, weight: Tensor, bias: Tensor | None, fill: float = 0.0):
+    """Inverse of ``block_to_params``: weight (+ bias, or ``fill`` when None) -> (g, o, i')."""
+    block = weight.reshape(layer.groups, layer.rows, -1)
+    if layer.bias is not None:
+        b = bias if bias is not None else torch.full((layer.shape[0],), fill, dtype=block.dtype)
+        block = torch.cat([block, b.to(block).reshape(layer.groups, layer.rows, 1)], dim=-1)
+    return block
+
+
+def symmetric_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    """(eigenvalues clamped at 0, eigenvectors) of a batch of PSD matrices (float64 solve)."""
+    vals, vecs = torch.linalg.eigh(m.double())
+    return vals.clamp_min(0).to(m.dtype), vecs.to(m.dtype)
+
+
+@dataclass(frozen=True)
+class KFAC:
+    """KFAC curvature: per factored target, A (groups, i', i') and G (groups, o, o).
+
+    fallback: the ``Diag`` of the targets KFAC cannot factor (or None); labels, examples:
+    as for ``Diag``. The Fisher block of a target is approximated by ``kron(G, A)``.
+    """
+
+    layers: dict[str, Layer]
+    A: dict[str, Tensor]
+    G: dict[str, Tensor]
+    fallback: Diag | None
+    labels: str
+    examples: int
+
+    def block_diagonal(self) -> dict[str, Tensor]:
+        """diag(kron(G, A)) per factored target as a (groups, o, i') block: diag G diag A^T."""
+        return {
+            t: self.G[t].diagonal(dim1=-2, dim2=-1)[..., :, None]
+            * self.A[t].diagonal(dim1=-2, dim2=-1)[..., None, :]
+            for t in self.layers
+        }
+
+    def _per_target(self, blocks: dict[str, Tensor], bias: bool) -> dict[str, Tensor]:
+        out = {}
+        for t, block in blocks.items():
+            parts = block_to_params(self.layers[t], block)
+            out.update(parts if bias else {t: parts[t]})
+        return out
+
+    def diagonal(self) -> dict[str, Tensor]:
+        """The Fisher diagonal per target (weights only), shaped like each target."""
+        out = self._per_target(self.block_diagonal(), bias=False)
+        return {**out, **(self.fallback.diagonal() if self.fallback else {})}
+
+    def bias_diagonal(self) -> dict[str, Tensor]:
+        """The Fisher diagonal of the bias column of each factored layer (bias name -> (out,))."""
+        full = self._per_target(self.block_diagonal(), bias=True)
+        return {n: v for n, v in full.items() if n not in self.layers}
+
+    def kfe(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """(U_G, lambda_G ⊗ lambda_A, U_A) per target: KFAC in its eigenbasis (eigh here)."""
+        out = {}
+        for t in self.layers:
+            lam_a, u_a = symmetric_eigh(self.A[t])
+            lam_g, u_g = symmetric_eigh(self.G[t])
+            out[t] = (u_g, lam_g[..., :, None] * lam_a[..., None, :], u_a)
+        return out
+
+    def inverse_diagonal(self, damping: float = 1e-3, absolute: float = 0.0) -> dict[str, Tensor]:
+        """diag((F + lam I)^-1) per target, lam = damping * mean(eigenvalues) + absolute."""
+        return inverse_diagonal_of(self, damping, absolute)
+
+    def estimators(self) -> dict[str, str]:
+        """'kfac' for factored targets, 'diag' for the fallback ones."""
+        out = {t: "kfac" for t in self.layers}
+        return {**out, **(self.fallback.estimators() if self.fallback else {})}
+
+
+def inverse_diagonal_of(curv, damping: float, absolute: float) -> dict[str, Tensor]:
+    """diag((F + lam I)^-1) = (U_G∘U_G) (1/(S+lam)) (U_A∘U_A)^T for any value with ``kfe()``.
+
+    lam is per target: ``damping * mean(S) + absolute`` (S: the eigenvalues in the KFE).
+    Weights only; fallback targets use ``Diag.inverse_diagonal`` with the same damping.
+    """
+    out = {}
+    for t, (u_g, scale, u_a) in curv.kfe().items():
+        lam = damping_value(scale, damping, absolute)
+        block = kfe_diagonal(u_g, 1.0 / (scale + lam), u_a)
+        out[t] = block_to_params(curv.layers[t], block)[t]
+    if curv.fallback is not None:
+        out.update(curv.fallback.inverse_diagonal(damping, absolute))
+    return out
+
+
+def fit_kfac(
+    model: nn.Module,
+    task: Task,
+    targets: dict[str, Target],
+    batches: Iterable[Batch],
+    *,
+    labels: str = "sampled",
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> KFAC:
+    """Fit KFAC factors for every factorable target; ``diag`` for the others.
+
+    Labels: 'sampled' (default; ``samples`` draws per example), 'exact', 'empirical' (see
+    ``criteria.fisher``). Batches are streamed (twice when some targets fall back to diag,
+    so a one-shot iterable is then materialised). Extra memory: the factors plus one batch
+    of activation rows. Model state is left untouched.
+    """
+    check_labels(labels, task, samples)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    layers, rest = split_targets(model, targets)
+    if rest and layers:
+        batches = reiterable(batches)
+    a, g, seen = {}, {}, 0
+    if layers:
+        a, g, seen = fit_factors(
+            model, task, layers, batches, labels=labels, samples=samples, generator=gen
+        )
+    fallback = None
+    if rest:
+        fallback = fit_diag(
+            model, task, rest, batches, labels=labels, samples=samples, generator=gen
+        )
+        seen = fallback.examples
+    return KFAC(layers, a, g, fallback, labels, seen)

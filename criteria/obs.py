@@ -1,0 +1,83 @@
+"""Optimal Brain Surgeon on a curvature value: saliency and the compensating weight update.
+
+With H = F + lam I (F: the curvature's Fisher block of a layer, lam its damping), removing
+weight q alone costs (to second order, at a minimum) rho_q = theta_q^2 / (2 [H^-1]_qq), and
+the best change of the other weights of the block is
+
+    delta = -theta_q H^-1 e_q / [H^-1]_qq.
+
+In the Kronecker eigenbasis of KFAC/EKFAC, H^-1 V = U_G [(U_G^T V U_A) / (S + lam)] U_A^T,
+so the update of a whole layer is two small matmuls on each side; no dense block is built.
+
+Several weights at once. The exact joint update, -H^-1 E_Q (E_Q^T H^-1 E_Q)^-1 theta_Q, needs
+a |Q| x |Q| solve. ``obs_update`` replaces (E_Q^T H^-1 E_Q) by its diagonal, i.e. it sums the
+single-weight updates, V = sum_q (theta_q / [H^-1]_qq) E_q, ignoring interactions between
+the removed weights, and then sets the removed (and previously pruned) weights to exactly
+zero. This is accurate when each step removes a small fraction of the weights (the
+locality argument of methods.md §1.5), which is why the pipeline applies it within a step
+and re-estimates the curvature before the next one.
+"""
+
+from __future__ import annotations
+
+import torch
+from prunekit.criteria.diag import damping_value
+from prunekit.criteria.kfac import block_to_params, kfe_diagonal, params_to_block
+from torch import Tensor
+
+from prunekit.types import Masks
+
+
+def obs_saliency(theta: Tensor, inverse_diagonal: Tensor) -> Tensor:
+    """rho = theta^2 / (2 [H^-1]_qq), float32, in loss units; higher = keep.
+
+    theta and inverse_diagonal are shaped like the target; inverse_diagonal > 0.
+    """
+    theta = theta.detach().double()
+    return (theta.pow(2) / (2.0 * inverse_diagonal.double())).float()
+
+
+def _layer_update(layer, parts, theta: Tensor, removed: Tensor, damping, absolute):
+    """Summed single-weight OBS updates of one factored layer as {weight, bias} deltas."""
+    u_g, scale, u_a = parts
+    h = 1.0 / (scale + damping_value(scale, damping, absolute))  # eigenvalues of H^-1
+    h_diag = kfe_diagonal(u_g, h, u_a)  # [H^-1]_qq for every entry of the block
+    w = params_to_block(layer, theta.detach().to(scale.dtype), None, fill=0.0)
+    gone = params_to_block(layer, removed.to(scale.dtype), None, fill=0.0)
+    v = w * gone / h_diag
+    delta = -(u_g @ ((u_g.transpose(-1, -2) @ v @ u_a) * h) @ u_a.transpose(-1, -2))
+    return block_to_params(layer, delta)
+
+
+def obs_update(
+    curvature,
+    params: dict[str, Tensor],
+    masks: Masks,
+    *,
+    damping: float = 1e-3,
+    absolute: float = 0.0,
+) -> dict[str, Tensor]:
+    """Parameter changes that prune ``~masks`` and compensate with the surviving weights.
+
+    curvature: an ``EKFAC`` (or ``KFAC``; ``Diag`` targets get no compensation). params:
+    name -> current tensor (at least every target in ``masks``). masks: the keep-masks
+    AFTER this step (True = keep). damping/absolute: lam = damping * mean(S) + absolute,
+    as in ``inverse_diagonal``. Returns name -> delta (same shape and dtype as the
+    parameter) for the masked targets and the biases of factored layers; add them:
+    ``p += delta``. Removed weights end exactly at zero; see the module docstring for
+    the approximation used when a layer loses several weights at once.
+    """
+    deltas: dict[str, Tensor] = {}
+    kfe = curvature.kfe() if hasattr(curvature, "kfe") else {}
+    for name, keep in masks.items():
+        theta = params[name]
+        removed = ~keep.to(torch.bool)
+        if name in kfe and bool(removed.any()):
+            layer = curvature.layers[name]
+            parts = _layer_update(layer, kfe[name], theta, removed, damping, absolute)
+            for pname, d in parts.items():
+                deltas[pname] = d.to(params[pname].dtype)
+        base = deltas.get(name, torch.zeros_like(theta))
+        # x + (-x) == 0 exactly, so removed weights end at exactly zero.
+        deltas[name] = torch.where(removed, -theta.detach(), base)
+    return deltas
