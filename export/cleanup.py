@@ -139,12 +139,17 @@ def _fold_target(b: nn.Module, mids: list[nn.Module]) -> str | None:
 
 
 @torch.no_grad()
-def _prune_pair(a: nn.Module, b: nn.Module, mids: list, cols: list[slice]) -> tuple[list, dict]:
-    """Decide which units of A go; fold constants into B's bias. Returns (keep, counts)."""
+def _prune_pair(a: nn.Module, b: nn.Module, mids: list, cols: list[slice]) -> tuple:
+    """Decide which units of A go, without changing anything.
+
+    Returns (keep, counts, bias_add): bias_add [B out] is what constant units contribute
+    to B's bias once they are dropped (zeros if none).
+    """
     w_a, w_b = a.weight.flatten(1), b.weight.transpose(0, 1).flatten(1)  # [units, ...]
     consts = _constant_out(a, mids)
     why_not = _fold_target(b, mids)
     keep, counts = [], {"outgoing": 0, "incoming": 0, "folded": 0, "skipped": 0}
+    bias_add = torch.zeros(b.weight.shape[0], dtype=b.weight.dtype)
     for j, cs in enumerate(cols):
         if not w_b[cs].any():
             counts["outgoing"] += 1
@@ -153,16 +158,21 @@ def _prune_pair(a: nn.Module, b: nn.Module, mids: list, cols: list[slice]) -> tu
         elif consts[j] == 0:
             counts["incoming"] += 1
         elif why_not is None:
-            contrib = b.weight[:, cs].sum(dim=tuple(range(1, b.weight.dim()))) * consts[j]
-            if b.bias is None:
-                b.bias = nn.Parameter(torch.zeros(b.weight.shape[0], dtype=b.weight.dtype))
-            b.bias.add_(contrib)
+            bias_add += b.weight[:, cs].sum(dim=tuple(range(1, b.weight.dim()))) * consts[j]
             counts["folded"] += 1
         else:
             keep.append(j)
             counts["skipped"] += 1
     counts["why_not"] = why_not
-    return keep, counts
+    return keep, counts, bias_add
+
+
+@torch.no_grad()
+def _add_bias(b: nn.Module, bias_add: Tensor) -> None:
+    """b.bias += bias_add, creating the bias if the layer has none."""
+    if b.bias is None:
+        b.bias = nn.Parameter(torch.zeros_like(bias_add))
+    b.bias.add_(bias_add)
 
 
 @torch.no_grad()
@@ -226,7 +236,7 @@ def remove_dead_units(net: nn.Module, masks: dict[str, Tensor]) -> tuple[list[st
                 where = _qual(prefix, a_key)
                 if cols is None:
                     continue
-                keep, counts = _prune_pair(a, b, mids, cols)
+                keep, counts, bias_add = _prune_pair(a, b, mids, cols)
                 if not keep:
                     skipped.append(f"every unit of {where} is dead; layer kept (output constant)")
                     continue
@@ -235,6 +245,8 @@ def remove_dead_units(net: nn.Module, masks: dict[str, Tensor]) -> tuple[list[st
                     skipped.append(skip)
                 if action is None:
                     continue
+                if counts["folded"]:
+                    _add_bias(b, bias_add)
                 col_idx = _shrink(a, b, keep, cols)
                 _slice_masks(
                     masks, (f"{where}.weight", f"{_qual(prefix, b_key)}.weight"), keep, col_idx

@@ -117,3 +117,17 @@ def test_cnn_export_folds_batchnorm(tmp_path):
                     latency=False)  # fmt: skip
     assert any("folded BatchNorm 1" in a for a in r["cleanup"]["actions"])
     assert r["verification"]["max_abs_diff"] <= 1e-5
+
+
+def test_all_units_dead_leaves_model_unchanged():
+    """Regression: a fully dead layer is kept, and no constant is folded into the next bias."""
+    torch.manual_seed(0)
+    net = make_mlp((6, 4, 3), act=nn.Tanh).eval()
+    with torch.no_grad():
+        net[0].weight.zero_()  # every unit outputs the constant tanh(b_j) != 0
+    x = torch.randn(5, 6)
+    want, bias = net(x), net[2].bias.clone()
+    actions, skipped = remove_dead_units(net, {})
+    assert actions == [] and "every unit of 0 is dead" in skipped[0]
+    assert torch.equal(net[2].bias, bias)
+    torch.testing.assert_close(net(x), want, atol=0, rtol=0)
