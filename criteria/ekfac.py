@@ -210,6 +210,8 @@ def _check_basis(basis: EKFACBasis, layers: dict[str, Layer]) -> EKFACBasis:
             "fit a new basis with fit_ekfac"
         )
     keep = list(layers)
+    if keep == list(basis.layers):
+        return basis
     return EKFACBasis(
         {t: basis.layers[t] for t in keep},
         {t: basis.u_a[t] for t in keep},
