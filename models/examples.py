@@ -26,8 +26,8 @@ EXAMPLES: dict[str, Example] = {
     "mlp-mnist": Example(
         "prunekit.models:mlp?sizes=784,300,100,10&act=tanh",
         "mnist5k",
-        30,
-        0.01,
+        15,
+        0.1,
         "the paper's 784-300-100-10 tanh MLP on 5,000 real MNIST digits",
     ),
     "mlp-digits": Example(

@@ -1,0 +1,5 @@
+"""`python -m prunekit` (also what torchrun runs)."""
+
+from prunekit.cli import main
+
+main()

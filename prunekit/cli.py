@@ -1,0 +1,277 @@
+"""The `prunekit` command line (typer). Only this module prints.
+
+User errors (PrunekitError, bad options) print one line `error: ...` on stderr and exit 2;
+no traceback, nothing written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from prunekit.errors import PrunekitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Prune trained PyTorch models with Taylor/Fisher criteria and export sparse ONNX.",
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+class BarProgress:
+    """progress(label, done, total) callback drawing one rich bar per label on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.bars = Progress(
+            TextColumn("{task.description:<18}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=False,
+            disable=not enabled,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> BarProgress:
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.__exit__(*exc)
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.bars.add_task(label, total=total)
+        task_id = self.tasks[label]
+        self.bars.update(task_id, completed=done, total=total)
+        if label.startswith("fine-tune") and done >= total:
+            self.bars.remove_task(task_id)  # one bar per step would flood the screen
+            del self.tasks[label]
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _choices(names) -> str:
+    return ", ".join(sorted(names))
+
+
+def _summary(report: dict, out: Path) -> None:
+    table = Table(title=f"prunekit {report['criterion']} -> {out}")
+    for col in ("model", "loss", "accuracy"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for key, label in (("dense", "dense"), ("pruned", "pruned"), ("finetuned", "fine-tuned")):
+        m = report["metrics"][key]
+        table.add_row(label, _fmt(m["loss"]), _fmt(m["accuracy"]))
+    out_console.print(table)
+    sp = report["sparsity"]
+    out_console.print(
+        f"sparsity {sp['global']:.4f} of {report['params']['prunable']:,} target weights "
+        f"({sp['all_parameters']:.4f} of all {report['params']['total']:,}); "
+        f"{len(report['steps'])} steps in {report['seconds']:.1f} s"
+    )
+
+
+def _load(model: Path, arch: str | None, trust_pickle: bool):
+    from prunekit.checkpoint import load_model
+
+    return load_model(model, arch=arch, trust_pickle=trust_pickle)
+
+
+def _criterion_names():
+    from prunekit.criteria import CRITERIA
+
+    return CRITERIA
+
+
+def _estimator_names():
+    from prunekit.criteria.curvature import ESTIMATORS
+
+    return ESTIMATORS
+
+
+@app.command()
+def prune(
+    model: Path = typer.Argument(
+        ...,
+        help="Checkpoint: .safetensors/.pt state_dict, TorchScript archive, "
+        "or pickled module (with --trust-pickle).",
+    ),
+    criterion: str = typer.Option(
+        "obd", help=f"Scoring criterion: one of {_choices(_criterion_names())}."
+    ),
+    sparsity: float = typer.Option(0.9, help="Final fraction of target weights pruned, in [0, 1)."),
+    steps: int = typer.Option(10, help="Number of pruning steps (the paper used 1, 14, 140)."),
+    schedule: str = typer.Option(
+        "exp",
+        help="Sparsity schedule: exp (same fraction of the remaining weights "
+        "each step), linear or cubic.",
+    ),
+    fisher: str = typer.Option(
+        None,
+        help=f"Curvature estimator for obd/qm: one of {_choices(_estimator_names())} "
+        "(default: the criterion's).",
+    ),
+    fisher_labels: str = typer.Option(
+        None,
+        help="Fisher labels: exact (expectation over the model's classes), "
+        "sampled (drawn from the model) or empirical (the data's labels).",
+    ),
+    fisher_samples: int = typer.Option(
+        1, help="Labels drawn per example with --fisher-labels sampled."
+    ),
+    lam: float = typer.Option(
+        0.0,
+        "--lambda",
+        help="Locality penalty lambda/2*theta^2 added to every score (large = magnitude-like).",
+    ),
+    scope: str = typer.Option(
+        "global", help="global: rank all targets together; layer: same sparsity in every target."
+    ),
+    data: str = typer.Option(
+        None,
+        help="Data spec: digits, mnist5k, synthetic, FILE.npz or module:function "
+        "(default: the one stored in the checkpoint).",
+    ),
+    arch: str = typer.Option(
+        None, help="Architecture for a state_dict: module:factory[?key=value&...]."
+    ),
+    finetune_epochs: float = typer.Option(
+        1.0, help="Fine-tuning epochs after each step (0 = prune all steps first, as in the paper)."
+    ),
+    final_epochs: float = typer.Option(2.0, help="Epochs of the final fine-tune."),
+    lr: float = typer.Option(0.01, help="Fine-tuning learning rate (SGD, momentum 0.9)."),
+    optimizer: str = typer.Option("sgd", help="Fine-tuning optimizer: sgd or adamw."),
+    batch_size: int = typer.Option(100, help="Fine-tuning batch size."),
+    score_examples: int = typer.Option(
+        1000, help="Training examples used to estimate gradients and curvature."
+    ),
+    include: list[str] = typer.Option(
+        [], help="Only prune parameters matching this glob (repeatable)."
+    ),
+    exclude: list[str] = typer.Option(
+        [], help="Never prune parameters matching this glob (repeatable)."
+    ),
+    out: Path = typer.Option(
+        None, help="Run directory (default runs/<model>-<criterion>-<sparsity>)."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace an earlier run in --out."),
+    trust_pickle: bool = typer.Option(
+        False, help="Allow loading a full pickled module (runs code from the file)."
+    ),
+    seed: int = typer.Option(0, help="Seed of every random choice (split, sampling, shuffling)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Score, prune in steps with fine-tuning between them, and write a run directory."""
+    from prunekit.pipeline import PruneSettings, resolve_data, run_pruning, write_run
+    from prunekit.prune.state import check_run_dir
+
+    loaded = _load(model, arch, trust_pickle)
+    out = out or Path("runs") / f"{model.stem}-{criterion}-{sparsity:g}"
+    check_run_dir(out, overwrite, inputs=(model,))
+    data_spec = data or loaded.metadata.get("prunekit.data")
+    if not data_spec:
+        raise PrunekitError("no --data given and the checkpoint names none; e.g. --data digits")
+    settings = PruneSettings(
+        criterion=criterion,
+        sparsity=sparsity,
+        steps=steps,
+        schedule=schedule,
+        fisher=fisher,
+        labels=fisher_labels,
+        samples=fisher_samples,
+        lam=lam,
+        scope=scope,
+        score_examples=score_examples,
+        finetune_epochs=finetune_epochs,
+        final_epochs=final_epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        include=tuple(include),
+        exclude=tuple(exclude),
+        seed=seed,
+        device=device,
+    )
+    bundle = resolve_data(data_spec, seed=seed)
+    with BarProgress(enabled=not quiet) as bars:
+        result = run_pruning(loaded.model, bundle, settings, progress=bars)
+    write_run(out, result, loaded.arch, data_spec)
+    _summary(result.report, out)
+
+
+@app.command()
+def example(
+    name: str = typer.Argument(
+        ..., help="Example to train: mlp-mnist, mlp-digits, cnn-digits, cnn-mnist."
+    ),
+    out: Path = typer.Option(..., help="Where to write the trained checkpoint (.safetensors)."),
+    seed: int = typer.Option(0, help="Seed of initialisation, split and shuffling."),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at --out."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train a zoo model on bundled data and write a checkpoint `prunekit prune` reads."""
+    from prunekit.checkpoint import ARCH_KEY
+    from prunekit.errors import RunDirError
+    from prunekit.models import EXAMPLES
+    from prunekit.pipeline import train_example
+    from prunekit.prune.state import save_tensors
+
+    if name not in EXAMPLES:
+        from prunekit.errors import choice_error
+
+        raise choice_error("example", name, EXAMPLES)
+    if out.suffix != ".safetensors":
+        raise RunDirError(f"--out {str(out)!r} must end in .safetensors")
+    if out.exists() and not overwrite:
+        raise RunDirError(f"--out {str(out)!r} exists; pass --overwrite or choose another path")
+    with BarProgress(enabled=not quiet) as bars:
+        model, arch, data_name, metrics = train_example(name, seed=seed, progress=bars)
+    meta = {
+        ARCH_KEY: arch,
+        "prunekit.data": data_name,
+        "prunekit.example": name,
+        "prunekit.accuracy": f"{metrics['accuracy']:.4f}",
+    }
+    save_tensors(out, model.state_dict(), meta)
+    out_console.print(
+        f"trained {name} ({EXAMPLES[name].description}): validation loss "
+        f"{metrics['loss']:.4f}, accuracy {_fmt(metrics['accuracy'])} -> {out}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app, turning user errors into one line and exit 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="prunekit")
+    except typer.TyperException as exc:  # bad options: typer's usage errors, one line
+        err_console.print(f"error: {exc.format_message()}", highlight=False, soft_wrap=True)
+        code = 2
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted", highlight=False)
+        code = 130
+    except PrunekitError as exc:
+        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True, markup=False)
+        code = exc.exit_code
+    code = code if isinstance(code, int) else 0
+    if argv is None:
+        sys.exit(code)
+    return code
