@@ -369,3 +369,78 @@ def train_example(name: str, seed: int = 0, progress: Progress | None = None):
     tick = (lambda done, total: progress("train", done, total)) if progress else None
     finetune(model, task, data.train_batches(100, gen), phase, progress=tick)
     return model, ex.arch, ex.data, _eval(model, task, data)
+
+
+def _settings_from(kwargs: dict) -> PruneSettings:
+    known = set(PruneSettings.__dataclass_fields__)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise SettingError(f"unknown settings {unknown}; valid: {', '.join(sorted(known))}")
+    return PruneSettings(**kwargs)
+
+
+def prune(model: nn.Module, data, task: Task | None = None, out=None, **settings) -> PruneResult:
+    """Python API of `prunekit prune`: prune ``model`` in place.
+
+    data: a spec string ('digits', 'mnist5k', 'synthetic', 'file.npz', 'module:function'),
+    a DataBundle, or an iterable of (inputs, targets) batches; settings: PruneSettings
+    fields (criterion, sparsity, steps, ...); out: optional run directory to write.
+    """
+    cfg = _settings_from(settings)
+    bundle = resolve_data(data, seed=cfg.seed)
+    result = run_pruning(model, bundle, cfg, task=task)
+    if out is not None:
+        write_run(out, result, None, bundle.name)
+    return result
+
+
+def _scoring_inputs(model, data, task, examples: int, include=(), exclude=()):
+    bundle = resolve_data(data)
+    task = task or make_task(bundle.kind)
+    check_data_fits(model, bundle)
+    targets = find_targets(model, tuple(include), tuple(exclude))
+    return bundle.first_train(examples), task, targets
+
+
+def score(
+    model: nn.Module,
+    data,
+    criterion: str = "obd",
+    task: Task | None = None,
+    examples: int = 1000,
+    seed: int = 0,
+    **settings,
+) -> dict[str, torch.Tensor]:
+    """Scores (higher = keep) of every target weight; settings are the criterion's fields."""
+    crit = make_criterion(criterion, **settings)
+    batches, task, targets = _scoring_inputs(model, data, task, examples)
+    gen = torch.Generator().manual_seed(seed)
+    return crit.evaluate(model, task, targets, batches, generator=gen).scores
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    data,
+    estimator: str = "ekfac",
+    labels: str | None = None,
+    task: Task | None = None,
+    examples: int = 1000,
+    samples: int = 1,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Fisher diagonal of every target weight, shaped like it (float32).
+
+    estimator: 'ekfac', 'kfac' or 'diag' (the structure); labels: 'exact', 'sampled' or
+    'empirical' (where the gradient's labels come from; None = the estimator's default).
+    """
+    from prunekit.criteria import fit_curvature
+    from prunekit.criteria.curvature import default_labels
+
+    batches, task, targets = _scoring_inputs(model, data, task, examples)
+    labels = labels or default_labels(estimator, task)
+    check_labels(labels, task, samples)
+    gen = torch.Generator().manual_seed(seed)
+    curvature = fit_curvature(
+        estimator, model, task, targets, batches, labels=labels, samples=samples, generator=gen
+    )
+    return curvature.diagonal()
