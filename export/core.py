@@ -11,10 +11,10 @@ from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
-from prunekit.prune.masks import masks_from_weights
 from torch import Tensor, nn
 
 from prunekit.errors import ModelError, RunDirError
+from prunekit.prune.masks import masks_from_weights
 
 from . import cleanup as clean
 from .exporters import DEFAULT_OPSET, export_proto, opset_of

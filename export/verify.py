@@ -22,9 +22,14 @@ FP32_TOL = 1e-5
 
 
 def session(source: str | bytes) -> tuple[ort.InferenceSession, float]:
-    """(CPU session, seconds to create it) with as many threads as torch uses."""
+    """(CPU session, seconds to create it) with as many threads as torch uses.
+
+    Spinning is off: onnxruntime's idle threads otherwise busy-wait after each run and
+    starve PyTorch's threads when both are timed in one process.
+    """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     start = time.perf_counter()
     sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])

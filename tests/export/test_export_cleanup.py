@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 from export_models import make_cnn, make_mlp, random_masks
+from torch import nn
+
 from prunekit.export import export_onnx
 from prunekit.export.cleanup import bake_masks, fold_batchnorm, remove_dead_units
-from torch import nn
 
 
 def _params(net):

@@ -8,11 +8,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from export_models import make_mlp, random_masks
-from prunekit.export import export_onnx
-from prunekit.export import exporters as exporters_mod
 from torch import nn
 
 from prunekit.errors import ModelError
+from prunekit.export import export_onnx
+from prunekit.export import exporters as exporters_mod
 
 
 @pytest.mark.parametrize("storage", ["dense", "sparse", "packed"])

@@ -8,11 +8,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
+
+from prunekit.errors import SettingError
 from prunekit.export import QUANTIZE_MODES, STORAGE_MODES, check_modes, pack, unpack
 from prunekit.export.graph import packed_subgraph
 from prunekit.export.storage import check_opset, dequantize_int8, quantize_int8
-
-from prunekit.errors import SettingError
 
 
 def _edge_cases() -> dict[str, np.ndarray]:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from export_models import make_mlp, random_masks
 from onnx import numpy_helper
-from prunekit.export import core, export_onnx, receipt_table, write_receipt
 
 from prunekit.errors import RunDirError, SettingError, VerificationError
+from prunekit.export import core, export_onnx, receipt_table, write_receipt
 
 
 def _corrupting(real):
