@@ -129,8 +129,8 @@ def _block_jacobian(
 ) -> Tensor:
     """Jacobian rows of one block, shape (ne * nc, kept columns), rows in (example, output) order.
 
-    ``keep``: flat bool mask of the tensor's columns (None = all); dropped columns are gathered
-    out when few survive, else zeroed in place (same K, no copy).
+    ``keep`` (from :func:`_masks_for`): None = all columns; int64 indices of the surviving
+    columns (gathered out); or a 0/1 float vector (dropped columns zeroed in place, no copy).
     """
     e0, e1, c0, c1 = block
 
@@ -153,9 +153,9 @@ def _block_jacobian(
     jac = jac.reshape((e1 - e0) * (c1 - c0), -1)
     if keep is None:
         return jac
-    if float(keep.float().mean()) < _GATHER_BELOW:
-        return jac[:, keep]
-    return jac.mul_(keep.to(jac.dtype))
+    if keep.dtype == torch.long:  # indices of the survivors: few of them, gather
+        return jac.index_select(1, keep)
+    return jac.mul_(keep)  # 0/1 weights: most survive, zero the rest in place
 
 
 def _put(kernel: Tensor, rows: Block, cols: Block, gram: Tensor) -> None:
@@ -231,6 +231,7 @@ def _prepare_inputs(model: nn.Module, inputs: Tensor) -> tuple[Tensor, torch.dty
 
 
 def _masks_for(names: list[str], masks: Masks | None, frozen: dict[str, Tensor]) -> dict:
+    """Per tensor: None (keep all), survivor indices (int64) or a 0/1 vector (dtype of J)."""
     keeps: dict[str, Tensor | None] = {}
     for name in names:
         mask = None if masks is None else masks.get(name)
@@ -239,7 +240,15 @@ def _masks_for(names: list[str], masks: Masks | None, frozen: dict[str, Tensor])
                 f"mask of {name!r} has shape {tuple(mask.shape)}; the parameter has shape "
                 f"{tuple(frozen[name].shape)}"
             )
-        keeps[name] = None if mask is None else mask.reshape(-1).to(frozen[name].device).bool()
+        if mask is None:
+            keeps[name] = None
+            continue
+        flat = mask.reshape(-1).to(frozen[name].device).bool()
+        # Decided once per tensor, not per block: gathering shrinks J J^T with the sparsity.
+        if float(flat.float().mean()) < _GATHER_BELOW:
+            keeps[name] = flat.nonzero().squeeze(1)
+        else:
+            keeps[name] = flat.to(frozen[name].dtype)
     return keeps
 
 

@@ -113,9 +113,12 @@ _OFFSET = {"dense": 0.0, "prune": 0.0, "finetune": 0.5, "final": 0.75}
 def _plot_alignment_steps(records: list[dict], metrics: list[dict], out: Path) -> Path:
     fig, (ax,) = _figure()
     marks = _milestones(records)
-    xs = [r["step"] + _OFFSET.get(r.get("phase"), 0.0) for r in marks]
-    ax.plot(xs, [_value(r.get("alignment_train")) for r in marks], "C0-o", label="train probe")
-    ax.plot(xs, [_value(r.get("alignment_val")) for r in marks], "C0--s", label="val probe")
+    for key, style, label in (("alignment_train", "C0-o", "train probe"),
+                              ("alignment_val", "C0--s", "val probe")):  # fmt: skip
+        # Drop unmeasured points so each line stays connected across them.
+        pts = [(r["step"] + _OFFSET.get(r.get("phase"), 0.0), _value(r.get(key))) for r in marks]
+        pts = [(x, v) for x, v in pts if not math.isnan(v)]
+        ax.plot([x for x, _ in pts], [v for _, v in pts], style, label=label)
     ax.set(xlabel="pruning step (+0.5 = after its fine-tuning)", ylabel="NTK alignment")
     ax.set_title("Tangent-kernel alignment while pruning")
     twin = ax.twinx()
