@@ -18,11 +18,11 @@ import logging
 from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
+
 from prunekit.criteria.diag import Diag, fit_diag
 from prunekit.criteria.ekfac import EKFAC, EKFACBasis, fit_ekfac, refit_scaling
 from prunekit.criteria.kfac import KFAC, fit_kfac, split_targets
-from torch import nn
-
 from prunekit.errors import SettingError, choice_error
 from prunekit.types import Batch, Masks, Target, Task
 

@@ -6,9 +6,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from prunekit.criteria.fisher import squared_gradient_sums
 from torch import Tensor, nn
 
+from prunekit.criteria.fisher import squared_gradient_sums
 from prunekit.types import Batch, Target, Task
 
 

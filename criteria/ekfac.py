@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor, nn
+
 from prunekit.criteria.diag import Diag, fit_diag
 from prunekit.criteria.fisher import check_labels
 from prunekit.criteria.kfac import (
@@ -39,8 +41,6 @@ from prunekit.criteria.kfac import (
     stream_rows,
     symmetric_eigh,
 )
-from torch import Tensor, nn
-
 from prunekit.errors import DataError, ModelError
 from prunekit.types import Batch, Masks, Target, Task
 
@@ -69,7 +69,7 @@ class EKFACBasis:
 
 
 def eigenbasis(kfac: KFAC) -> EKFACBasis:
-    """Eigendecompose KFAC's factors (float64 solve, stored in the factors' dtype)."""
+    """Eigendecompose KFAC's factors (in the factors' dtype: float32, float64 in oracles)."""
     u_a, u_g, lam_a, lam_g = {}, {}, {}, {}
     for t in kfac.layers:
         lam_a[t], u_a[t] = symmetric_eigh(kfac.A[t])

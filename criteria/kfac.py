@@ -35,12 +35,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor, nn
+
 from prunekit.criteria.capture import capture, scoring_mode
 from prunekit.criteria.diag import Diag, damping_value, fit_diag
 from prunekit.criteria.fisher import check_labels, label_sets, term_values
 from prunekit.criteria.persample import conv_patches, supports_fast_path
-from torch import Tensor, nn
-
 from prunekit.errors import DataError, ModelError
 from prunekit.types import Batch, Target, Task, batch_size
 
@@ -272,9 +272,12 @@ def params_to_block(layer: Layer, weight: Tensor, bias: Tensor | None, fill: flo
 
 
 def symmetric_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
-    """(eigenvalues clamped at 0, eigenvectors) of a batch of PSD matrices (float64 solve)."""
-    vals, vecs = torch.linalg.eigh(m.double())
-    return vals.clamp_min(0).to(m.dtype), vecs.to(m.dtype)
+    """(eigenvalues clamped at 0, eigenvectors) of a batch of PSD matrices, in m's dtype.
+
+    Rounding can make tiny eigenvalues of a PSD matrix negative; they are clamped to 0.
+    """
+    vals, vecs = torch.linalg.eigh(m)
+    return vals.clamp_min(0), vecs
 
 
 @dataclass(frozen=True)

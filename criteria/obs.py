@@ -21,10 +21,10 @@ and re-estimates the curvature before the next one.
 from __future__ import annotations
 
 import torch
-from prunekit.criteria.diag import damping_value
-from prunekit.criteria.kfac import block_to_params, kfe_diagonal, params_to_block
 from torch import Tensor
 
+from prunekit.criteria.diag import damping_value
+from prunekit.criteria.kfac import block_to_params, kfe_diagonal, params_to_block
 from prunekit.types import Masks
 
 

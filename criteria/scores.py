@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import Tensor, nn
+
 from prunekit.criteria.curvature import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,
@@ -26,8 +28,6 @@ from prunekit.criteria.curvature import (
 )
 from prunekit.criteria.fisher import LABELS, check_labels, mean_gradient
 from prunekit.criteria.obs import obs_saliency
-from torch import Tensor, nn
-
 from prunekit.errors import SettingError, choice_error
 from prunekit.types import Batch, Masks, Scores, Target, Task
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from prunekit.criteria import (
     CRITERIA,
     EKFAC,
@@ -18,10 +20,8 @@ from prunekit.criteria import (
     refit_scaling,
 )
 from prunekit.criteria.ekfac import eigenbasis
-from prunekit.prune.targets import find_targets
-from torch import nn
-
 from prunekit.errors import SettingError
+from prunekit.prune.targets import find_targets
 
 _spec = importlib.util.spec_from_file_location(
     "kfac_oracles", Path(__file__).with_name("kfac_oracles.py")

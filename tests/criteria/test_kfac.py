@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from prunekit.criteria import fit_diag, fit_kfac
-from prunekit.prune.targets import find_targets
 from torch import nn
 
+from prunekit.criteria import fit_diag, fit_kfac
 from prunekit.errors import SettingError
+from prunekit.prune.targets import find_targets
 from prunekit.types import RegressionTask
 
 _spec = importlib.util.spec_from_file_location(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from prunekit.criteria import OBS, fit_diag, fit_ekfac, obs_update
 from prunekit.prune.targets import find_targets
 
