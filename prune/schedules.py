@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prunekit.prune.masks import check_sparsity
-
 from prunekit.errors import SettingError, choice_error
+from prunekit.prune.masks import check_sparsity
 
 
 def _exponential(final: float, steps: int) -> list[float]:

@@ -14,6 +14,9 @@ from safetensors.torch import save_file
 from prunekit.errors import RunDirError
 from prunekit.types import Masks
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 RUN_FILES = ("report.json", "metrics.jsonl", "masks.safetensors", "model.safetensors")
 
 
@@ -27,6 +30,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs should read like any file
     try:
         write(Path(tmp))
         os.replace(tmp, path)

@@ -86,6 +86,21 @@ def _summary(report: dict, out: Path) -> None:
     )
 
 
+def _export_files(export: Path | None) -> tuple[str, ...]:
+    return () if export is None else (str(export), "export.json")
+
+
+def _receipt_summary(receipt: dict) -> None:
+    from prunekit.export import receipt_table
+
+    table = Table(title=f"ONNX export -> {receipt['path']}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for key, value in receipt_table(receipt):
+        table.add_row(key, value)
+    out_console.print(table)
+
+
 def _load(model: Path, arch: str | None, trust_pickle: bool):
     from prunekit.checkpoint import load_model
 
@@ -166,6 +181,9 @@ def prune(
     exclude: list[str] = typer.Option(
         [], help="Never prune parameters matching this glob (repeatable)."
     ),
+    export: Path = typer.Option(
+        None, help="Also export the pruned model to this ONNX file (packed storage, verified)."
+    ),
     out: Path = typer.Option(
         None, help="Run directory (default runs/<model>-<criterion>-<sparsity>)."
     ),
@@ -183,7 +201,7 @@ def prune(
 
     loaded = _load(model, arch, trust_pickle)
     out = out or Path("runs") / f"{model.stem}-{criterion}-{sparsity:g}"
-    check_run_dir(out, overwrite, inputs=(model,))
+    check_run_dir(out, overwrite, inputs=(model,), extra_files=_export_files(export))
     data_spec = data or loaded.metadata.get("prunekit.data")
     if not data_spec:
         raise PrunekitError("no --data given and the checkpoint names none; e.g. --data digits")
@@ -213,6 +231,18 @@ def prune(
         result = run_pruning(loaded.model, bundle, settings, progress=bars)
     write_run(out, result, loaded.arch, data_spec)
     _summary(result.report, out)
+    if export is not None:
+        from prunekit.pipeline import export_model
+
+        receipt = export_model(
+            result.model,
+            export,
+            bundle,
+            masks=result.masks,
+            overwrite=True,
+            receipt_path=out / "export.json",
+        )
+        _receipt_summary(receipt)
 
 
 @app.command()
@@ -253,6 +283,53 @@ def example(
         f"trained {name} ({EXAMPLES[name].description}): validation loss "
         f"{metrics['loss']:.4f}, accuracy {_fmt(metrics['accuracy'])} -> {out}"
     )
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(
+        ..., help="Pruned checkpoint (e.g. RUN_DIR/model.safetensors)."
+    ),
+    out: Path = typer.Option(..., help="ONNX file to write; export.json is written beside it."),
+    storage: str = typer.Option(
+        "packed",
+        help="dense, sparse (SparseTensorProto) or packed (uint8 index deltas + "
+        "values, decoded in-graph and constant-folded by onnxruntime).",
+    ),
+    quantize: str = typer.Option(None, help="int8: packed values as int8 with per-row scales."),
+    opset: int = typer.Option(None, help="ONNX opset (default 18)."),
+    data: str = typer.Option(
+        None, help="Data spec for the parity check (default: the one stored in the checkpoint)."
+    ),
+    arch: str = typer.Option(None, help="Architecture for a state_dict: module:factory[?k=v]."),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at --out."),
+    trust_pickle: bool = typer.Option(False, help="Allow loading a full pickled module."),
+) -> None:
+    """Export a pruned model to ONNX, verify parity in onnxruntime, and print the receipt."""
+    from prunekit.errors import RunDirError
+    from prunekit.export import check_modes
+    from prunekit.pipeline import export_model, resolve_data
+
+    check_modes(storage, quantize)
+    loaded = _load(checkpoint, arch, trust_pickle)
+    if out.resolve() == checkpoint.resolve():
+        raise RunDirError(f"--out {str(out)!r} is the input checkpoint; choose another path")
+    if out.exists() and not overwrite:
+        raise RunDirError(f"--out {str(out)!r} exists; pass --overwrite or choose another path")
+    data_spec = data or loaded.metadata.get("prunekit.data")
+    if not data_spec:
+        raise PrunekitError("no --data given and the checkpoint names none; e.g. --data digits")
+    bundle = resolve_data(data_spec)
+    receipt = export_model(
+        loaded.model,
+        out,
+        bundle,
+        storage=storage,
+        quantize=quantize,
+        opset=opset,
+        overwrite=overwrite,
+    )
+    _receipt_summary(receipt)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -444,3 +444,41 @@ def fisher_diagonal(
         estimator, model, task, targets, batches, labels=labels, samples=samples, generator=gen
     )
     return curvature.diagonal()
+
+
+def export_model(
+    model: nn.Module,
+    path,
+    data: DataBundle,
+    masks: Masks | None = None,
+    storage: str = "packed",
+    quantize: str | None = None,
+    opset: int | None = None,
+    overwrite: bool = False,
+    receipt_path=None,
+) -> dict:
+    """Export ``model`` to ONNX at ``path``, verified on the validation split; write export.json.
+
+    The receipt goes to ``receipt_path`` (default: export.json beside the ONNX file).
+    """
+    from pathlib import Path
+
+    from prunekit.export import export_onnx, write_receipt
+
+    path = Path(path)
+    x_val = data.x_val[:512]
+    y_val = data.y_val[:512] if data.kind == "classification" else None
+    receipt = export_onnx(
+        model,
+        path,
+        example_input=x_val[:8],
+        storage=storage,
+        quantize=quantize,
+        opset=opset,
+        masks=masks,
+        verify_inputs=x_val,
+        verify_targets=y_val,
+        overwrite=overwrite,
+    )
+    write_receipt(receipt, Path(receipt_path) if receipt_path else path.with_name("export.json"))
+    return receipt
