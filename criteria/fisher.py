@@ -16,10 +16,10 @@ import math
 from collections.abc import Iterable
 
 import torch
-from prunekit.criteria.capture import Recorder, capture, scoring_mode
-from prunekit.criteria.persample import conv_sq_grads, linear_sq_grads
 from torch import Tensor, nn
 
+from prunekit.criteria.capture import Recorder, capture, scoring_mode
+from prunekit.criteria.persample import conv_sq_grads, linear_sq_grads
 from prunekit.errors import DataError, SettingError, choice_error
 from prunekit.types import Batch, Target, Task, batch_size
 

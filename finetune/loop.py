@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from prunekit.prune.masks import apply_masks
 from torch import nn
 
 from prunekit.errors import SettingError, choice_error
+from prunekit.prune.masks import apply_masks
 from prunekit.types import Batch, Masks, Task, batch_size, batch_to
 
 OPTIMIZERS = ("sgd", "adamw")
