@@ -1,0 +1,169 @@
+"""find_targets: weights of Linear/Conv/recurrent layers, never biases or norms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.errors import ModelError
+from prunekit.prune.targets import find_targets
+
+
+class Zoo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lstm = nn.LSTM(4, 3, num_layers=2, bidirectional=True)
+        self.gru = nn.GRU(6, 3)
+        self.rnn = nn.RNN(3, 2, bias=False)
+        self.conv1 = nn.Conv1d(2, 3, 3)
+        self.conv2 = nn.Conv2d(3, 4, 3)
+        self.conv3 = nn.Conv3d(1, 2, 2)
+        self.bn = nn.BatchNorm2d(4)
+        self.ln = nn.LayerNorm(5)
+        self.gn = nn.GroupNorm(2, 4)
+        self.head = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2, bias=False))
+        self.scale = nn.Parameter(torch.ones(3))  # a loose parameter: not a target
+
+
+class Custom(nn.Module):
+    """Opts one of its parameters in through ``prunable_parameters``."""
+
+    is_recurrent = True
+
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(3, 3))
+        self.gain = nn.Parameter(torch.ones(3))
+
+    def prunable_parameters(self):
+        return ("kernel",)
+
+
+EXPECTED = {
+    "lstm.weight_ih_l0": "recurrent",
+    "lstm.weight_hh_l0": "recurrent",
+    "lstm.weight_ih_l0_reverse": "recurrent",
+    "lstm.weight_hh_l0_reverse": "recurrent",
+    "lstm.weight_ih_l1": "recurrent",
+    "lstm.weight_hh_l1": "recurrent",
+    "lstm.weight_ih_l1_reverse": "recurrent",
+    "lstm.weight_hh_l1_reverse": "recurrent",
+    "gru.weight_ih_l0": "recurrent",
+    "gru.weight_hh_l0": "recurrent",
+    "rnn.weight_ih_l0": "recurrent",
+    "rnn.weight_hh_l0": "recurrent",
+    "conv1.weight": "conv",
+    "conv2.weight": "conv",
+    "conv3.weight": "conv",
+    "head.0.weight": "linear",
+    "head.2.weight": "linear",
+}
+
+
+def test_default_targets_are_exactly_the_layer_weights():
+    model = Zoo()
+    targets = find_targets(model)
+    assert {n: t.kind for n, t in targets.items()} == EXPECTED
+    params = dict(model.named_parameters())
+    for name, t in targets.items():
+        assert t.name == name
+        assert t.shape == tuple(params[name].shape)
+        assert t.numel == params[name].numel()
+        assert name.startswith(t.module + ".")
+    # in named_parameters order
+    order = [n for n, _ in model.named_parameters() if n in targets]
+    assert list(targets) == order
+
+
+def test_biases_and_norm_parameters_are_never_targets():
+    targets = find_targets(Zoo(), embeddings=True)
+    for name in targets:
+        assert "bias" not in name
+        assert not name.startswith(("bn.", "ln.", "gn.")) and name != "scale"
+    with pytest.raises(ModelError):
+        find_targets(Zoo(), include=("*bias*", "bn.*", "ln.*"))
+
+
+def test_embeddings_are_opt_in():
+    assert "emb.weight" not in find_targets(Zoo())
+    targets = find_targets(Zoo(), embeddings=True)
+    assert targets["emb.weight"].kind == "embedding"
+    assert list(targets)[0] == "emb.weight"
+
+
+def test_include_and_exclude_globs():
+    model = Zoo()
+    assert set(find_targets(model, include=("conv*",))) == {
+        "conv1.weight",
+        "conv2.weight",
+        "conv3.weight",
+    }
+    assert set(find_targets(model, include=("head.*", "gru.*"))) == {
+        "head.0.weight",
+        "head.2.weight",
+        "gru.weight_ih_l0",
+        "gru.weight_hh_l0",
+    }
+    excluded = find_targets(model, exclude=("lstm.*", "*_hh_*"))
+    assert set(excluded) == set(EXPECTED) - {
+        n for n in EXPECTED if n.startswith("lstm.") or "_hh_" in n
+    }
+    both = find_targets(model, include=("conv*",), exclude=("conv2.*",))
+    assert set(both) == {"conv1.weight", "conv3.weight"}
+    # patterns are case-sensitive and anchored
+    with pytest.raises(ModelError):
+        find_targets(model, include=("CONV*",))
+    with pytest.raises(ModelError):
+        find_targets(model, include=("weight",))
+
+
+def test_custom_module_opts_in_through_prunable_parameters():
+    model = nn.Sequential(Custom(), nn.Linear(3, 2))
+    targets = find_targets(model)
+    assert {n: t.kind for n, t in targets.items()} == {
+        "0.kernel": "recurrent",
+        "1.weight": "linear",
+    }
+    assert targets["0.kernel"].module == "0"
+
+
+def test_bare_linear_module_is_its_own_target():
+    targets = find_targets(nn.Linear(4, 2))
+    assert list(targets) == ["weight"] and targets["weight"].module == ""
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.BatchNorm1d(4), nn.ReLU()),
+        nn.Sequential(nn.LayerNorm(4), nn.Embedding(3, 4)),
+        nn.Sequential(nn.ReLU()),
+    ],
+)
+def test_model_without_targets_raises_model_error(model):
+    with pytest.raises(ModelError, match="no prunable weights"):
+        find_targets(model)
+
+
+def test_exclude_everything_raises_and_names_the_patterns():
+    with pytest.raises(ModelError, match=r"\*weight\*"):
+        find_targets(Zoo(), exclude=("*weight*",))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: find_targets uses isinstance(module, nn.Linear/...), which is False for the "
+    "RecursiveScriptModule children of a loaded TorchScript archive, so a TorchScript model "
+    "has no targets",
+)
+def test_targets_of_a_loaded_torchscript_model(tmp_path):
+    from prunekit.checkpoint import load_model
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(model).save(str(path))
+    loaded = load_model(path).model
+    targets = find_targets(loaded)
+    assert {n: t.kind for n, t in targets.items()} == {"0.weight": "conv", "2.weight": "linear"}
