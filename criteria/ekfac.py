@@ -142,10 +142,21 @@ def _layer_mask(layer: Layer, masks: Masks | None) -> Tensor | None:
     return params_to_block(layer, masks[layer.target].float(), None, fill=1.0)
 
 
+def _project(rows: Tensor, u: Tensor) -> Tensor:
+    """rows (N, g, L, d) @ u (g, d, d) as one GEMM per group (broadcasting would run N*g
+    matrix-vector products)."""
+    n, groups, positions, dim = rows.shape
+    flat = rows.transpose(0, 1).reshape(groups, n * positions, dim) @ u
+    return flat.reshape(groups, n, positions, dim).transpose(0, 1)
+
+
 def _projected_sq(g: Tensor, a: Tensor, u_g: Tensor, u_a: Tensor, mask: Tensor | None) -> Tensor:
-    """sum_n (U_G^T [(sum_t g_nt a_nt^T) ∘ mask] U_A)^2: g (N,grp,L,o), a (N,grp,L,i')."""
+    """sum_n (U_G^T [(sum_t g_nt a_nt^T) ∘ mask] U_A)^2: g (N,grp,L,o), a (N,grp,L,i').
+
+    Without a mask, ``a`` must already be projected (a @ U_A, once per batch for all terms).
+    """
     if mask is None:
-        g, a = g @ u_g, a @ u_a  # project rows first: cheaper, and exact by linearity
+        g = _project(g, u_g)  # project rows first: cheaper, and exact by linearity
         if g.shape[2] == 1:  # one position: the square of an outer product factorises
             return g[:, :, 0].pow(2).permute(1, 2, 0) @ a[:, :, 0].pow(2).transpose(0, 1)
     n, groups, _, rows = g.shape
@@ -192,9 +203,10 @@ def fit_scaling(
         model, task, layers, batches, labels=labels, samples=samples, generator=generator
     )
     for n, acts, terms in stream:
+        rows = {t: a if keep[t] is not None else _project(a, u_a[t]) for t, a in acts.items()}
         for grads in terms:
             for t, g in grads.items():
-                acc[t] += _projected_sq(g, acts[t], u_g[t], u_a[t], keep[t])
+                acc[t] += _projected_sq(g, rows[t], u_g[t], u_a[t], keep[t])
         seen += n
     if seen == 0:
         raise DataError("no examples to estimate the Fisher from (the data is empty)")
