@@ -50,7 +50,7 @@ def digits_model_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli():
     """The in-process CLI: ``cli(*args) -> (exit code, stdout, stderr)``."""
     return lambda *args: run_main(list(args))
