@@ -5,7 +5,15 @@ Python API (mirrors the CLI): ``prune``, ``score``, ``fisher_diagonal``,
 """
 
 from prunekit.errors import PrunekitError
-from prunekit.pipeline import PruneResult, PruneSettings, fisher_diagonal, prune, score
+from prunekit.pipeline import (
+    PruneResult,
+    PruneSettings,
+    export_onnx,
+    fisher_diagonal,
+    ntk_alignment,
+    prune,
+    score,
+)
 
 __version__ = "0.1.0"
 
@@ -13,7 +21,9 @@ __all__ = [
     "PruneResult",
     "PruneSettings",
     "PrunekitError",
+    "export_onnx",
     "fisher_diagonal",
+    "ntk_alignment",
     "prune",
     "score",
 ]

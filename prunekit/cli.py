@@ -101,6 +101,12 @@ def _receipt_summary(receipt: dict) -> None:
     out_console.print(table)
 
 
+def _plots(run_dir: Path) -> list[Path]:
+    from prunekit.analysis import plot_run
+
+    return plot_run(run_dir)
+
+
 def _load(model: Path, arch: str | None, trust_pickle: bool):
     from prunekit.checkpoint import load_model
 
@@ -181,6 +187,28 @@ def prune(
     exclude: list[str] = typer.Option(
         [], help="Never prune parameters matching this glob (repeatable)."
     ),
+    refit_basis_every: int = typer.Option(
+        0,
+        help="EKFAC: refit the eigenbasis every N steps (0 = keep the first basis, refit "
+        "only the scaling, with pruned weights contributing nothing).",
+    ),
+    compensate: bool = typer.Option(
+        False,
+        help="OBS update of the surviving weights of each layer within every step "
+        "(obd/qm/obs on kfac or ekfac); report.json gives the loss before and after.",
+    ),
+    ntk: bool = typer.Option(
+        None,
+        "--ntk/--no-ntk",
+        help="Log the tangent-kernel alignment on fixed train and "
+        "validation probes (default: on when the model has <= 10 outputs and <= 500k target "
+        "weights).",
+    ),
+    ntk_every: str = typer.Option(
+        "x2",
+        help="Fine-tuning iterations to log NTK at: xM = log-spaced by factor M, N = "
+        "every N iterations.",
+    ),
     export: Path = typer.Option(
         None, help="Also export the pruned model to this ONNX file (packed storage, verified)."
     ),
@@ -225,11 +253,16 @@ def prune(
         exclude=tuple(exclude),
         seed=seed,
         device=device,
+        refit_basis_every=refit_basis_every,
+        compensate=compensate,
+        ntk=ntk,
+        ntk_every=ntk_every,
     )
     bundle = resolve_data(data_spec, seed=seed)
     with BarProgress(enabled=not quiet) as bars:
         result = run_pruning(loaded.model, bundle, settings, progress=bars)
     write_run(out, result, loaded.arch, data_spec)
+    _plots(out)
     _summary(result.report, out)
     if export is not None:
         from prunekit.pipeline import export_model
@@ -283,6 +316,13 @@ def example(
         f"trained {name} ({EXAMPLES[name].description}): validation loss "
         f"{metrics['loss']:.4f}, accuracy {_fmt(metrics['accuracy'])} -> {out}"
     )
+
+
+@app.command()
+def plot(run_dir: Path = typer.Argument(..., help="A run directory written by prunekit prune.")):
+    """Draw loss/accuracy, sparsity and NTK alignment curves into RUN_DIR/plots/."""
+    for path in _plots(run_dir):
+        out_console.print(str(path))
 
 
 @app.command("export")

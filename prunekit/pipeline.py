@@ -7,7 +7,6 @@ schedule, then a final fine-tune and the report.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from prunekit.analysis import ntk_alignment as _ntk_alignment
 from prunekit.criteria import CRITERIA, make_criterion
 from prunekit.criteria.fisher import check_labels
 from prunekit.data import DataBundle, check_data_fits
@@ -30,6 +30,8 @@ log = logging.getLogger("prunekit")
 # progress(label, done, total): the CLI draws bars from these calls; None = silent.
 Progress = Callable[[str, int, int], None]
 DEVICES = ("cpu", "cuda", "auto")
+NTK_MAX_OUTPUTS = 10
+NTK_MAX_WEIGHTS = 500_000
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,12 @@ class PruneSettings:
     examples used to score (first N, fixed); finetune_epochs: fine-tuning after each step
     (0 = the paper's mode: all steps first); final_epochs: the last fine-tune; batch_size,
     optimizer, lr, momentum, weight_decay: fine-tuning; include/exclude: target name
-    patterns; seed: every random choice; device: 'cpu', 'cuda' or 'auto'.
+    patterns; seed: every random choice; device: 'cpu', 'cuda' or 'auto'; ntk: log the
+    tangent-kernel alignment (None = only when cheap, see ``ntk_is_cheap``); ntk_every:
+    fine-tuning iterations to log at ('xM' log-spaced by factor M, 'N' every N);
+    probe_train/probe_val: examples in the fixed NTK probes; refit_basis_every: EKFAC
+    eigenbasis refit period in steps (0 = keep the first basis, refit only the scaling);
+    compensate: apply the OBS update to surviving weights within each step (kfac/ekfac).
     """
 
     criterion: str = "obd"
@@ -67,6 +74,12 @@ class PruneSettings:
     exclude: tuple[str, ...] = ()
     seed: int = 0
     device: str = "cpu"
+    refit_basis_every: int = 0
+    compensate: bool = False
+    ntk: bool | None = None
+    ntk_every: str = "x2"
+    probe_train: int = 100
+    probe_val: int = 100
 
     def finetune_settings(self, epochs: float) -> FinetuneSettings:
         """The fine-tuning phase settings for ``epochs`` epochs."""
@@ -87,6 +100,8 @@ class PruneResult:
     masks: Masks
     report: dict
     metrics: list[dict] = field(default_factory=list)
+    ntk: list[dict] = field(default_factory=list)
+    probe: dict | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,7 +119,11 @@ def make_run_criterion(settings: PruneSettings):
     """The criterion object for ``settings`` (criterion defaults where fisher/labels are None)."""
     if settings.criterion not in CRITERIA:
         raise choice_error("criterion", settings.criterion, CRITERIA)
-    overrides = {"lam": settings.lam, "samples": settings.samples}
+    overrides = {
+        "lam": settings.lam,
+        "samples": settings.samples,
+        "refit_basis_every": settings.refit_basis_every,
+    }
     if settings.fisher is not None:
         overrides["fisher"] = settings.fisher
     if settings.labels is not None:
@@ -125,6 +144,11 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     Returns (criterion, schedule values, targets). Raises PrunekitError subclasses.
     """
     crit = make_run_criterion(settings)
+    if settings.compensate and (not crit.uses_curvature or crit.fisher == "diag"):
+        raise SettingError(
+            f"--compensate needs a curvature criterion (obd, qm, obs) on kfac or ekfac, not "
+            f"{settings.criterion!r} with fisher {crit.fisher!r}"
+        )
     if crit.uses_curvature:
         check_labels(resolved_labels(crit, task), task, crit.samples)
     sparsities = schedule(settings.sparsity, settings.steps, settings.schedule)
@@ -152,36 +176,165 @@ def _param_counts(model: nn.Module, targets: dict[str, Target]) -> dict[str, int
     return {"total": total, "prunable": prunable, "zeros": zeros, "zeros_all": zeros_all}
 
 
-def _score_step(crit, model, task, targets, batches, gen, progress, step, steps):
-    result = crit.evaluate(model, task, targets, batches, generator=gen)
-    if progress:
-        progress("score", step, steps)
-    return result
+def ntk_is_cheap(num_outputs: int, target_weights: int) -> bool:
+    """The --ntk default: on for at most NTK_MAX_OUTPUTS outputs and NTK_MAX_WEIGHTS targets."""
+    return num_outputs <= NTK_MAX_OUTPUTS and target_weights <= NTK_MAX_WEIGHTS
 
 
-def _finetune_phase(model, task, data, settings, epochs, masks, gen, progress, label) -> dict:
-    if epochs <= 0:
-        return {"steps": 0, "seconds": 0.0, "loss": math.nan}
-    phase = settings.finetune_settings(epochs)
-    batches = data.train_batches(settings.batch_size, gen)
-    tick = (lambda done, total: progress(label, done, total)) if progress else None
-    return finetune(model, task, batches, phase, masks=masks, progress=tick)
+class NtkLog:
+    """Alignment on fixed train/validation probes, one ntk.jsonl record per call."""
+
+    def __init__(self, model, task, data: DataBundle, settings: PruneSettings, targets):
+        from prunekit.analysis import select_probe
+
+        self.model, self.kind, self.names = model, task.kind, list(targets)
+        self.probe = select_probe(
+            len(data.x_train),
+            len(data.x_val),
+            settings.probe_train,
+            settings.probe_val,
+            seed=settings.seed,
+        )
+        device = next(model.parameters()).device
+        self.train = (
+            data.x_train[self.probe["train"]].to(device),
+            data.y_train[self.probe["train"]].to(device),
+        )
+        self.val = (
+            data.x_val[self.probe["val"]].to(device),
+            data.y_val[self.probe["val"]].to(device),
+        )
+        self.records: list[dict] = []
+
+    def __call__(self, step: int, phase: str, iteration, sparsity: float, masks: Masks) -> float:
+        """Log one record; returns the training-probe alignment."""
+        from prunekit.analysis import ntk_record
+
+        results = [
+            ntk_alignment(
+                self.model,
+                x,
+                y,
+                masks=masks,
+                targets_kind=self.kind,
+                params=self.names,
+                memory_budget_mb=1024.0,
+            )
+            for x, y in (self.train, self.val)
+        ]
+        self.records.append(ntk_record(step, phase, iteration, sparsity, *results))
+        return results[0]["alignment"]
 
 
-def _step_row(step, model, task, data, masks, after_prune, seconds) -> dict:
-    after = _eval(model, task, data)
-    global_sparsity, per_layer = sparsity_of(masks)
-    return {
-        "step": step,
-        "sparsity": global_sparsity,
-        "per_layer": per_layer,
-        "loss_after_prune": after_prune["loss"],
-        "accuracy_after_prune": after_prune["accuracy"],
-        "loss_after_finetune": after["loss"],
-        "accuracy": after["accuracy"],
-        "seconds": seconds,
-        "ntk_alignment": None,
-    }
+@dataclass
+class _Run:
+    """Mutable state of one pruning run (kept out of the frozen settings)."""
+
+    model: nn.Module
+    task: Task
+    data: DataBundle
+    settings: PruneSettings
+    targets: dict[str, Target]
+    masks: Masks
+    gen: torch.Generator
+    progress: Progress | None
+    ntk: NtkLog | None = None
+    rows: list[dict] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
+
+    def obs_deltas(self, curvature) -> dict:
+        """OBS updates for the current masks, computed from the weights before zeroing."""
+        from prunekit.criteria.obs import obs_update
+
+        params = dict(self.model.named_parameters())
+        return obs_update(curvature, params, self.masks, absolute=self.settings.lam)
+
+    def compensate(self, deltas: dict, before: dict) -> dict:
+        """Add the OBS updates to the surviving weights; returns losses before and after."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                keep = self.masks.get(name)
+                delta = delta if keep is None else delta * keep.to(delta.dtype)
+                params[name].add_(delta.to(params[name].dtype))
+        apply_masks(self.model, self.masks)
+        after = _eval(self.model, self.task, self.data)
+        return {
+            "loss_before_compensation": before["loss"],
+            "loss_after_compensation": after["loss"],
+        }
+
+    def finetune(self, epochs: float, label: str, step: int, sparsity: float) -> None:
+        """One mask-respecting fine-tuning phase, logging NTK at log-spaced iterations."""
+        if epochs <= 0:
+            return
+        phase = self.settings.finetune_settings(epochs)
+        batches = self.data.train_batches(self.settings.batch_size, self.gen)
+        progress = self.progress
+        tick = (lambda done, total: progress(label, done, total)) if progress else None
+        on_step = None
+        if self.ntk is not None:
+            from prunekit.analysis import log_spaced_iterations
+
+            total = phase.total_steps(len(batches))
+            when = set(log_spaced_iterations(total, self.settings.ntk_every)) - {0, total}
+            masks = self.masks
+
+            def on_step(it: int) -> None:
+                if it in when:
+                    self.ntk(step, "finetune", it, sparsity, masks)
+
+        finetune(
+            self.model, self.task, batches, phase, masks=self.masks, progress=tick, on_step=on_step
+        )
+
+    def record(self, step: int, after_prune: dict, seconds: float, ntk_value) -> None:
+        """Append the metrics row of ``step`` (evaluated now, after its fine-tune)."""
+        after = _eval(self.model, self.task, self.data)
+        global_sparsity, per_layer = sparsity_of(self.masks)
+        self.rows.append(
+            {
+                "step": step,
+                "sparsity": global_sparsity,
+                "per_layer": per_layer,
+                "loss_after_prune": after_prune["loss"],
+                "accuracy_after_prune": after_prune["accuracy"],
+                "loss_after_finetune": after["loss"],
+                "accuracy": after["accuracy"],
+                "seconds": seconds,
+                "ntk_alignment": ntk_value,
+            }
+        )
+
+
+def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, list[float]]:
+    device = resolve_device(settings.device)
+    model.to(device)
+    crit, sparsities, targets = validate(settings, model, data, task)
+    torch.manual_seed(settings.seed)
+    params = dict(model.named_parameters())
+    masks = full_masks({n: params[n] for n in targets})
+    run = _Run(
+        model,
+        task,
+        data,
+        settings,
+        targets,
+        masks,
+        torch.Generator().manual_seed(settings.seed),
+        progress,
+    )
+    outputs = data.num_classes if data.kind == "classification" else data.y_train[0].numel()
+    use_ntk = settings.ntk
+    if use_ntk is None:
+        use_ntk = ntk_is_cheap(outputs, sum(t.numel for t in targets.values()))
+    if use_ntk:
+        run.ntk = NtkLog(model, task, data, settings, targets)
+    return run, crit, sparsities
+
+
+def _ntk_now(run: _Run, step: int, phase: str, sparsity: float):
+    return run.ntk(step, phase, None, sparsity, run.masks) if run.ntk is not None else None
 
 
 def run_pruning(
@@ -197,76 +350,57 @@ def run_pruning(
     """
     start = time.perf_counter()
     task = task or make_task(data.kind)
-    device = resolve_device(settings.device)
-    model.to(device)
-    crit, sparsities, targets = validate(settings, model, data, task)
-    gen = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)
+    run, crit, sparsities = _start_run(model, data, settings, task, progress)
+    device = next(model.parameters()).device
     score_batches = [batch_to(b, device) for b in data.first_train(settings.score_examples)]
-    params = dict(model.named_parameters())
-    masks = full_masks({n: params[n] for n in targets})
     dense = _eval(model, task, data)
-    rows = [
-        {
-            "step": 0,
-            "sparsity": 0.0,
-            "per_layer": {n: 0.0 for n in targets},
-            "loss_after_prune": dense["loss"],
-            "accuracy_after_prune": dense["accuracy"],
-            "loss_after_finetune": dense["loss"],
-            "accuracy": dense["accuracy"],
-            "seconds": 0.0,
-            "ntk_alignment": None,
-        }
-    ]
+    run.record(0, dense, 0.0, _ntk_now(run, 0, "dense", 0.0))
     estimators: dict[str, str] = {}
     for k, target in enumerate(sparsities, start=1):
         t0 = time.perf_counter()
-        scored = _score_step(
-            crit, model, task, targets, score_batches, gen, progress, k, len(sparsities)
-        )
-        estimators = scored.estimators or estimators
-        masks = next_masks(scored.scores, masks, target, settings.scope)
-        apply_masks(model, masks)
-        pruned = _eval(model, task, data)
-        _finetune_phase(
+        scored = crit.evaluate(
             model,
             task,
-            data,
-            settings,
-            settings.finetune_epochs,
-            masks,
-            gen,
-            progress,
-            f"fine-tune step {k}",
+            run.targets,
+            score_batches,
+            generator=run.gen,
+            masks=run.masks,
+            cache=run.cache,
         )
-        rows.append(_step_row(k, model, task, data, masks, pruned, time.perf_counter() - t0))
-        log.info(
-            "step %d/%d sparsity %.4f loss %.4f",
-            k,
-            len(sparsities),
-            target,
-            rows[-1]["loss_after_finetune"],
-        )
+        estimators = scored.estimators or estimators
+        if progress:
+            progress("score", k, len(sparsities))
+        run.masks = next_masks(scored.scores, run.masks, target, settings.scope)
+        deltas = run.obs_deltas(scored.curvature) if settings.compensate else None
+        apply_masks(model, run.masks)
+        pruned = _eval(model, task, data)
+        compensation = run.compensate(deltas, pruned) if deltas is not None else {}
+        _ntk_now(run, k, "prune", target)
+        run.finetune(settings.finetune_epochs, f"fine-tune step {k}", k, target)
+        run.record(k, pruned, time.perf_counter() - t0, _ntk_now(run, k, "finetune", target))
+        run.rows[-1].update(compensation)
+        log.info("step %d/%d sparsity %.4f", k, len(sparsities), target)
         if progress:
             progress("steps", k, len(sparsities))
-    _finetune_phase(
-        model, task, data, settings, settings.final_epochs, masks, gen, progress, "final fine-tune"
-    )
-    finetuned = _eval(model, task, data)
+    run.finetune(settings.final_epochs, "final fine-tune", len(sparsities), settings.sparsity)
+    final_ntk = _ntk_now(run, len(sparsities), "final", settings.sparsity)
+    metrics = {"dense": dense, "pruned": pruned, "finetuned": _eval(model, task, data)}
     report = build_report(
         settings,
         crit,
         task,
         model,
-        targets,
-        masks,
-        rows,
+        run.targets,
+        run.masks,
+        run.rows,
         estimators,
-        {"dense": dense, "pruned": pruned, "finetuned": finetuned},
+        metrics,
         time.perf_counter() - start,
     )
-    return PruneResult(model, masks, report, rows)
+    report["ntk"] = {"enabled": run.ntk is not None, "final_alignment": final_ntk}
+    ntk_records = run.ntk.records if run.ntk is not None else []
+    probe = run.ntk.probe if run.ntk is not None else None
+    return PruneResult(model, run.masks, report, run.rows, ntk_records, probe)
 
 
 def build_report(settings, crit, task, model, targets, masks, rows, estimators, metrics, seconds):
@@ -339,7 +473,12 @@ def write_run(out, result: PruneResult, arch: str | None, data_name: str) -> lis
     if arch:
         meta[ARCH_KEY] = arch
     state = result.model.state_dict()
-    return [
+    extra = []
+    if result.probe is not None:
+        from prunekit.analysis.probe import save_probe
+
+        extra += [write_jsonl(out / "ntk.jsonl", result.ntk), save_probe(out, result.probe)]
+    return extra + [
         save_tensors(out / "model.safetensors", state, meta),
         save_masks(out / "masks.safetensors", result.masks, meta),
         write_jsonl(out / "metrics.jsonl", result.metrics),
@@ -482,3 +621,19 @@ def export_model(
     )
     write_receipt(receipt, Path(receipt_path) if receipt_path else path.with_name("export.json"))
     return receipt
+
+
+def ntk_alignment(model: nn.Module, inputs, targets, masks: Masks | None = None, **kwargs) -> dict:
+    """Tangent-kernel alignment of ``model`` on (inputs, targets) (see prunekit.analysis).
+
+    Returns ``alignment``, ``per_layer`` (name -> float), ``effective_rank`` and ``trace``;
+    pruned weights (mask False) are left out of the kernel.
+    """
+    return _ntk_alignment(model, inputs, targets, masks=masks, **kwargs)
+
+
+def export_onnx(model: nn.Module, path, example_input, storage: str = "packed", **kwargs) -> dict:
+    """Export a pruned model to ONNX, verify it in onnxruntime, return the receipt dict."""
+    from prunekit.export import export_onnx as _export_onnx
+
+    return _export_onnx(model, path, example_input, storage=storage, **kwargs)
