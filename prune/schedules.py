@@ -38,7 +38,11 @@ def schedule(final: float, steps: int, kind: str = "exp") -> list[float]:
     final = check_sparsity(final)
     if kind not in SCHEDULES:
         raise choice_error("schedule", kind, SCHEDULES)
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+    try:
+        whole = not isinstance(steps, bool) and int(steps) == steps
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or steps < 1:
         raise SettingError(f"steps {steps!r} must be an integer >= 1")
     values = SCHEDULES[kind](final, int(steps))
     values[-1] = final  # exact end point despite rounding

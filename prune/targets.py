@@ -13,14 +13,24 @@ _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _type_name(module: nn.Module) -> str:
+    # Children of a loaded TorchScript archive are RecursiveScriptModules: their class is
+    # lost, but original_name keeps it.
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
+def _is(module: nn.Module, classes: tuple[type, ...]) -> bool:
+    return isinstance(module, classes) or _type_name(module) in {c.__name__ for c in classes}
+
+
 def _kind_of(module: nn.Module, param: str, embeddings: bool) -> str | None:
-    if isinstance(module, nn.Linear) and param == "weight":
+    if _is(module, (nn.Linear,)) and param == "weight":
         return "linear"
-    if isinstance(module, _CONV) and param == "weight":
+    if _is(module, _CONV) and param == "weight":
         return "conv"
-    if isinstance(module, _RECURRENT) and param.startswith(("weight_ih", "weight_hh")):
+    if _is(module, _RECURRENT) and param.startswith(("weight_ih", "weight_hh")):
         return "recurrent"
-    if embeddings and isinstance(module, nn.Embedding) and param == "weight":
+    if embeddings and _is(module, (nn.Embedding,)) and param == "weight":
         return "embedding"
     custom = getattr(module, "prunable_parameters", None)
     if callable(custom) and param in custom():

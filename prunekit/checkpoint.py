@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from prunekit.errors import CheckpointError
+from prunekit.errors import CheckpointError, first_line
 
 ARCH_KEY = "prunekit.arch"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "weights")
@@ -77,12 +77,12 @@ def build_model(spec: str) -> nn.Module:
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as exc:
         raise CheckpointError(
-            f"arch spec {spec!r} does not import: {exc}; expected module:factory"
+            f"arch spec {spec!r} does not import: {first_line(exc)}; expected module:factory"
         ) from exc
     try:
         model = factory(**kwargs)
     except Exception as exc:  # a user factory may raise anything on bad arguments
-        raise CheckpointError(f"arch spec {spec!r} failed to build: {exc}") from exc
+        raise CheckpointError(f"arch spec {spec!r} failed to build: {first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"arch spec {spec!r} returned {type(model).__name__}, not a Module")
     return model
@@ -101,7 +101,9 @@ def _read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {exc}") from exc
+        raise CheckpointError(
+            f"cannot read {str(path)!r} as safetensors: {first_line(exc)}"
+        ) from exc
     return tensors, metadata
 
 
@@ -110,7 +112,10 @@ def _read_pickle(path: Path, trust_pickle: bool):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "safe_globals" not in str(exc) and "Unsupported global" not in str(exc):
-            raise CheckpointError(f"cannot read {str(path)!r}: file is corrupt ({exc})") from exc
+            raise CheckpointError(
+                f"cannot read {str(path)!r}: not a PyTorch checkpoint, or corrupt "
+                "(unpickling failed); expected .pt/.pth, .safetensors or TorchScript"
+            ) from exc
         if not trust_pickle:
             raise CheckpointError(
                 f"{str(path)!r} holds pickled Python objects (a full module?), which can run "
@@ -118,11 +123,13 @@ def _read_pickle(path: Path, trust_pickle: bool):
                 "state_dict and give --arch"
             ) from exc
     except Exception as exc:  # torch.load raises RuntimeError/EOFError/... on corrupt files
-        raise CheckpointError(f"cannot read {str(path)!r}: file is corrupt ({exc})") from exc
+        raise CheckpointError(
+            f"cannot read {str(path)!r}: file is corrupt ({first_line(exc)})"
+        ) from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # arbitrary unpickling failures
-        raise CheckpointError(f"cannot unpickle {str(path)!r}: {exc}") from exc
+        raise CheckpointError(f"cannot unpickle {str(path)!r}: {first_line(exc)}") from exc
 
 
 def _unwrap_state_dict(obj) -> dict:
@@ -175,7 +182,9 @@ def load_model(
         try:
             model = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # jit raises RuntimeError subclasses on bad archives
-            raise CheckpointError(f"cannot read TorchScript archive {str(path)!r}: {exc}") from exc
+            raise CheckpointError(
+                f"cannot read TorchScript archive {str(path)!r}: {first_line(exc)}"
+            ) from exc
         return LoadedModel(model.eval(), None, "torchscript")
     else:
         obj = _read_pickle(path, trust_pickle)

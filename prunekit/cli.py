@@ -32,6 +32,7 @@ class BarProgress:
     """progress(label, done, total) callback drawing one rich bar per label on stderr."""
 
     def __init__(self, enabled: bool = True):
+        self.started = False
         self.bars = Progress(
             TextColumn("{task.description:<18}"),
             BarColumn(),
@@ -44,13 +45,16 @@ class BarProgress:
         self.tasks: dict[str, int] = {}
 
     def __enter__(self) -> BarProgress:
-        self.bars.__enter__()
-        return self
+        return self  # the live display starts with the first bar, so early errors stay one line
 
     def __exit__(self, *exc) -> None:
-        self.bars.__exit__(*exc)
+        if self.started:
+            self.bars.__exit__(*exc)
 
     def __call__(self, label: str, done: int, total: int) -> None:
+        if not self.started:
+            self.bars.__enter__()
+            self.started = True
         if label not in self.tasks:
             self.tasks[label] = self.bars.add_task(label, total=total)
         task_id = self.tasks[label]
@@ -372,13 +376,34 @@ def export_cmd(
     _receipt_summary(receipt)
 
 
+def _print_error(message: str) -> None:
+    one_line = " ".join(message.split())
+    err_console.print(f"error: {one_line}", highlight=False, soft_wrap=True, markup=False)
+
+
+def _usage_message(exc, argv: list[str]) -> str:
+    """typer's message, plus the value the user gave when typer does not quote it."""
+    message = exc.format_message()
+    param = getattr(exc, "param", None)
+    for opt in getattr(param, "opts", ()) or ():
+        for i, token in enumerate(argv):
+            value = None
+            if token == opt and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif token.startswith(opt + "="):
+                value = token.split("=", 1)[1]
+            if value is not None and repr(value) not in message:
+                return f"{message} (got {value!r})"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning user errors into one line and exit 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = app(args=argv, standalone_mode=False, prog_name="prunekit")
     except typer.TyperException as exc:  # bad options: typer's usage errors, one line
-        err_console.print(f"error: {exc.format_message()}", highlight=False, soft_wrap=True)
+        _print_error(_usage_message(exc, sys.argv[1:] if argv is None else argv))
         code = 2
     except typer.Exit as exc:
         code = exc.exit_code
@@ -386,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("aborted", highlight=False)
         code = 130
     except PrunekitError as exc:
-        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True, markup=False)
+        _print_error(str(exc))
         code = exc.exit_code
     code = code if isinstance(code, int) else 0
     if argv is None:

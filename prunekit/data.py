@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prunekit.errors import DataError
+from prunekit.errors import DataError, first_line
 from prunekit.types import TASK_KINDS
 
 
@@ -140,7 +140,7 @@ def _from_npz(path: Path) -> tuple[np.ndarray, ...]:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as exc:  # numpy raises many types for corrupt archives
-        raise DataError(f"cannot read data file {str(path)!r} as .npz: {exc}") from exc
+        raise DataError(f"cannot read data file {str(path)!r} as .npz: {first_line(exc)}") from exc
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(
@@ -173,7 +173,7 @@ def _from_function(spec: str) -> DataBundle | tuple:
         func = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as exc:
         raise DataError(
-            f"data spec {spec!r} does not import ({exc}); expected module:function"
+            f"data spec {spec!r} does not import ({first_line(exc)}); expected module:function"
         ) from exc
     return func()
 
@@ -258,7 +258,7 @@ def check_data_fits(model: nn.Module, data: DataBundle) -> None:
     except Exception as exc:  # any failure here means the shapes or dtypes do not fit
         raise DataError(
             f"data {data.name!r} with inputs of shape {tuple(data.x_train.shape[1:])} does not "
-            f"fit the model: {str(exc).splitlines()[0]}"
+            f"fit the model: {first_line(exc)}"
         ) from exc
     finally:
         model.train(was_training)

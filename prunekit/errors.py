@@ -43,3 +43,14 @@ def choice_error(what: str, value: object, valid) -> SettingError:
     """Build the standard 'unknown X' error: names the value and lists the valid ones."""
     options = ", ".join(sorted(str(v) for v in valid))
     return SettingError(f"unknown {what} {value!r}; valid: {options}")
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """The first non-empty line of an exception's message, at most ``limit`` characters.
+
+    Third-party errors (torch.load, safetensors) carry multi-line essays; a user-facing
+    PrunekitError message quotes only their first line.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -325,9 +325,15 @@ def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, lis
         progress,
     )
     outputs = data.num_classes if data.kind == "classification" else data.y_train[0].numel()
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    if settings.ntk and scripted:
+        raise SettingError(
+            "--ntk needs an eager nn.Module, not a TorchScript archive; use --no-ntk"
+        )
     use_ntk = settings.ntk
     if use_ntk is None:
-        use_ntk = ntk_is_cheap(outputs, sum(t.numel for t in targets.values()))
+        cheap = ntk_is_cheap(outputs, sum(t.numel for t in targets.values()))
+        use_ntk = cheap and not scripted
     if use_ntk:
         run.ntk = NtkLog(model, task, data, settings, targets)
     return run, crit, sparsities
