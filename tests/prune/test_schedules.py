@@ -59,13 +59,6 @@ def test_zero_final_gives_zeros(kind):
     assert schedule(0.0, 4, kind) == [0.0] * 4
 
 
-_STEPS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: schedules.schedule calls int(steps) unguarded: NaN raises ValueError, inf "
-    "OverflowError, None TypeError instead of SettingError",
-)
-
-
 @pytest.mark.parametrize(
     "steps",
     [
@@ -75,9 +68,9 @@ _STEPS_BUG = pytest.mark.xfail(
         2.0001,
         True,
         "3",
-        pytest.param(math.nan, marks=_STEPS_BUG),
-        pytest.param(math.inf, marks=_STEPS_BUG),
-        pytest.param(None, marks=_STEPS_BUG),
+        math.nan,
+        math.inf,
+        None,
     ],
 )
 def test_bad_steps_raise(steps):

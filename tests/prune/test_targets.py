@@ -152,12 +152,6 @@ def test_exclude_everything_raises_and_names_the_patterns():
         find_targets(Zoo(), exclude=("*weight*",))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: find_targets uses isinstance(module, nn.Linear/...), which is False for the "
-    "RecursiveScriptModule children of a loaded TorchScript archive, so a TorchScript model "
-    "has no targets",
-)
 def test_targets_of_a_loaded_torchscript_model(tmp_path):
     from prunekit.checkpoint import load_model
 
