@@ -1,7 +1,9 @@
 """NTK alignment against a dense-Jacobian float64 oracle (torch.func.jacrev of everything).
 
 Ordering used everywhere: Jacobian/kernel rows are (c, i) output-major, row = c * n + i,
-so centring is (I_C kron H_n) K (I_C kron H_n).
+so centring is (I_C kron H_n) K (I_C kron H_n). Tests taking ``kernel_path`` run twice: on
+the per-example jacrev path (capture=None) and with the hook factory injected, where Linear
+layers use the factored kernel and the rest (conv, LSTM) stays on jacrev.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from torch.func import functional_call, jacrev
 
 from prunekit.analysis import ntk_alignment, tangent_kernel
 from prunekit.analysis.ntk import _plan_blocks, default_kernel_params, effective_rank
+from prunekit.criteria.capture import capture
 from prunekit.errors import SettingError
 
 N, C = 6, 4
+
+
+@pytest.fixture(params=["jacrev", "factored"])
+def kernel_path(request):
+    """The ``capture=`` argument: None (jacrev everywhere) or the hook factory (factored)."""
+    return None if request.param == "jacrev" else capture
 
 
 def mlp(dtype=torch.float64, seed=0):
@@ -86,9 +95,9 @@ def oracle_alignment(kernel, labels, centered=True):
     return float(y @ kernel @ y / (torch.linalg.matrix_norm(kernel) * (y @ y)))
 
 
-def check_against_oracle(model, x, labels, tol=1e-10, **kw):
+def check_against_oracle(model, x, labels, tol=1e-10, capture=None, **kw):
     names = default_kernel_params(model)
-    res = ntk_alignment(model, x, labels, **kw)
+    res = ntk_alignment(model, x, labels, capture=capture, **kw)
     centered = kw.get("centered", True)
     oracle = dense_oracle(model, x, names, kw.get("masks"), centered)
     total = sum(oracle.values())
@@ -103,37 +112,37 @@ def check_against_oracle(model, x, labels, tol=1e-10, **kw):
     assert res["effective_rank"] == pytest.approx(math.exp(-(p * p.log()).sum()), rel=1e-8)
     assert res["trace"] == pytest.approx(float(total.trace()) / N, rel=1e-10)
     assert (res["n"], res["outputs"]) == (N, C)
-    kernels = tangent_kernel(model, x, masks=kw.get("masks"), centered=centered)
+    kernels = tangent_kernel(model, x, masks=kw.get("masks"), centered=centered, capture=capture)
     for name in names:
         torch.testing.assert_close(kernels[name], oracle[name], atol=1e-10, rtol=1e-9)
     return res
 
 
-def test_mlp_matches_dense_jacobian():
+def test_mlp_matches_dense_jacobian(kernel_path):
     x, y = data((5,))
-    res = check_against_oracle(mlp(), x, y)
+    res = check_against_oracle(mlp(), x, y, capture=kernel_path)
     assert 0 < res["alignment"] < 1
 
 
-def test_cnn_matches_dense_jacobian_in_eval_mode():
+def test_cnn_matches_dense_jacobian_in_eval_mode(kernel_path):
     model = cnn().train()  # BN batch statistics would break equality if eval were not forced
     with torch.no_grad():
         model[1].running_mean.uniform_(-0.5, 0.5)
         model[1].running_var.uniform_(0.5, 2.0)
     x, y = data((1, 6, 6))
-    check_against_oracle(model, x, y)
+    check_against_oracle(model, x, y, capture=kernel_path)
 
 
-def test_uncentered_matches_dense_jacobian():
+def test_uncentered_matches_dense_jacobian(kernel_path):
     x, y = data((5,))
-    check_against_oracle(mlp(), x, y, centered=False)
+    check_against_oracle(mlp(), x, y, centered=False, capture=kernel_path)
 
 
-def test_lstm_matches_dense_jacobian():
+def test_lstm_matches_dense_jacobian(kernel_path):
     torch.manual_seed(3)
     model = TinyLSTM().double()
     x, y = data((5, 3))
-    res = check_against_oracle(model, x, y, tol=1e-9)
+    res = check_against_oracle(model, x, y, tol=1e-9, capture=kernel_path)
     assert set(res["per_layer"]) == {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "head.weight"}
 
 
@@ -176,36 +185,39 @@ def test_invariant_to_label_scaling_and_shift():
 
 
 @pytest.mark.parametrize("keep_fraction", [0.3, 0.8])  # gather path and zero-in-place path
-def test_masked_columns_removed_exactly(keep_fraction):
+def test_masked_columns_removed_exactly(keep_fraction, kernel_path):
     model, (x, y) = mlp(), data((5,))
     g = torch.Generator().manual_seed(7)
     names = default_kernel_params(model)
     params = dict(model.named_parameters())
     masks = {n: torch.rand(params[n].shape, generator=g) < keep_fraction for n in names}
-    res = check_against_oracle(model, x, y, masks=masks)
-    dense = ntk_alignment(model, x, y)
+    res = check_against_oracle(model, x, y, masks=masks, capture=kernel_path)
+    dense = ntk_alignment(model, x, y, capture=kernel_path)
     assert res["alignment"] != pytest.approx(dense["alignment"], rel=1e-6)
 
 
-def test_mask_false_excludes_even_nonzero_weights_and_zero_weights_without_mask_count():
+def test_mask_false_excludes_even_nonzero_weights_and_zero_weights_without_mask_count(
+    kernel_path,
+):
     model, (x, _) = mlp(), data((5,))
     name = "0.weight"
     mask = torch.ones(7, 5, dtype=torch.bool)
     mask[:, 2] = False
-    masked = tangent_kernel(model, x, masks={name: mask}, params=[name])[name]
+    kw = {"params": [name], "capture": kernel_path}
+    masked = tangent_kernel(model, x, masks={name: mask}, **kw)[name]
     oracle = dense_oracle(model, x, [name], {name: mask})[name]
     torch.testing.assert_close(masked, oracle, atol=1e-10, rtol=1e-9)
     with torch.no_grad():
         model[0].weight[:, 2] = 0.0
-    zeroed = tangent_kernel(model, x, params=[name])[name]
-    zeroed_masked = tangent_kernel(model, x, masks={name: mask}, params=[name])[name]
+    zeroed = tangent_kernel(model, x, **kw)[name]
+    zeroed_masked = tangent_kernel(model, x, masks={name: mask}, **kw)[name]
     assert not torch.allclose(zeroed, zeroed_masked)  # hard zeros still have gradients
 
 
-def test_centring_equals_kron_projection():
+def test_centring_equals_kron_projection(kernel_path):
     model, (x, _) = cnn(), data((1, 6, 6))
-    raw = tangent_kernel(model, x, centered=False)
-    centred = tangent_kernel(model, x, centered=True)
+    raw = tangent_kernel(model, x, centered=False, capture=kernel_path)
+    centred = tangent_kernel(model, x, centered=True, capture=kernel_path)
     h = torch.eye(N, dtype=torch.float64) - torch.full((N, N), 1.0 / N, dtype=torch.float64)
     proj = torch.kron(torch.eye(C, dtype=torch.float64), h)  # (c, i) order: I_C outer
     for name, kernel in raw.items():
@@ -249,7 +261,7 @@ def test_block_plan_covers_every_row_once_within_budget():
     assert len(_plan_blocks(7, 3, 10.0, 45.0)) == 14  # 2 rows per block: outputs split 2 + 1
 
 
-def test_leaves_no_trace():
+def test_leaves_no_trace(kernel_path):
     model, (x, y) = cnn(), data((1, 6, 6))
     model.train()
     model[1].eval()  # mixed flags must come back per module, not as one model.train()
@@ -257,7 +269,7 @@ def test_leaves_no_trace():
     grad_before = model[0].weight.grad
     flags = {name: m.training for name, m in model.named_modules()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    ntk_alignment(model, x, y)
+    ntk_alignment(model, x, y, capture=kernel_path)
     assert {name: m.training for name, m in model.named_modules()} == flags
     after = model.state_dict()
     assert state.keys() == after.keys()
@@ -269,13 +281,15 @@ def test_leaves_no_trace():
         assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
 
 
-def test_params_select_the_kernel_and_sum_to_total():
+def test_params_select_the_kernel_and_sum_to_total(kernel_path):
     model, (x, y) = mlp(), data((5,))
     names = ["0.weight", "0.bias", "2.weight"]
-    kernels = tangent_kernel(model, x, params=names)
+    kernels = tangent_kernel(model, x, params=names, capture=kernel_path)
     oracle = dense_oracle(model, x, names)
     assert list(kernels) == names
-    res = ntk_alignment(model, x, y, params=names)
+    for name in names:
+        torch.testing.assert_close(kernels[name], oracle[name], atol=1e-10, rtol=1e-9)
+    res = ntk_alignment(model, x, y, params=names, capture=kernel_path)
     assert res["alignment"] == pytest.approx(oracle_alignment(sum(oracle.values()), y), abs=1e-10)
     assert default_kernel_params(cnn()) == ["0.weight", "3.weight", "7.weight"]
 
