@@ -23,7 +23,7 @@ from torch import nn
 from prunekit.criteria.diag import Diag, fit_diag
 from prunekit.criteria.ekfac import EKFAC, EKFACBasis, fit_ekfac, refit_scaling
 from prunekit.criteria.kfac import KFAC, fit_kfac, split_targets
-from prunekit.errors import SettingError, choice_error
+from prunekit.errors import choice_error, int_setting
 from prunekit.types import Batch, Masks, Target, Task
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,7 @@ def default_labels(estimator: str, task: Task | None = None) -> str:
 
 def check_refit_every(value: int) -> int:
     """``refit_basis_every`` as an int >= 0 (0 = keep the first basis); SettingError if not."""
-    if isinstance(value, bool) or int(value) != value or value < 0:
-        raise SettingError(
-            f"refit_basis_every {value!r} must be an integer >= 0 (0 = never refit the basis)"
-        )
-    return int(value)
+    return int_setting(value, "refit_basis_every", 0, " (0 = never refit the basis)")
 
 
 def _covers(basis: EKFACBasis, model: nn.Module, targets: dict[str, Target]) -> bool:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from prunekit.criteria.capture import Recorder, capture, scoring_mode
 from prunekit.criteria.persample import conv_sq_grads, linear_sq_grads
-from prunekit.errors import DataError, SettingError, choice_error
+from prunekit.errors import DataError, SettingError, choice_error, int_setting
 from prunekit.types import Batch, Target, Task, batch_size
 
 LABELS = ("exact", "sampled", "empirical")
@@ -35,8 +35,8 @@ def check_labels(labels: str, task: Task, samples: int = 1) -> None:
             f"Fisher labels 'exact' need a classification task, not {task.kind!r}; "
             "use --fisher-labels sampled or empirical"
         )
-    if labels == "sampled" and (int(samples) != samples or samples < 1):
-        raise SettingError(f"Fisher samples {samples!r} must be an integer >= 1")
+    if labels == "sampled":
+        int_setting(samples, "Fisher samples", 1)
 
 
 def label_sets(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prunekit.errors import SettingError, choice_error
+from prunekit.errors import choice_error, int_setting
 from prunekit.prune.masks import check_sparsity
 
 
@@ -38,12 +38,7 @@ def schedule(final: float, steps: int, kind: str = "exp") -> list[float]:
     final = check_sparsity(final)
     if kind not in SCHEDULES:
         raise choice_error("schedule", kind, SCHEDULES)
-    try:
-        whole = not isinstance(steps, bool) and int(steps) == steps
-    except (TypeError, ValueError, OverflowError):
-        whole = False
-    if not whole or steps < 1:
-        raise SettingError(f"steps {steps!r} must be an integer >= 1")
-    values = SCHEDULES[kind](final, int(steps))
+    steps = int_setting(steps, "steps", 1)
+    values = SCHEDULES[kind](final, steps)
     values[-1] = final  # exact end point despite rounding
     return values

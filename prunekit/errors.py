@@ -45,6 +45,20 @@ def choice_error(what: str, value: object, valid) -> SettingError:
     return SettingError(f"unknown {what} {value!r}; valid: {options}")
 
 
+def int_setting(value: object, what: str, minimum: int, hint: str = "") -> int:
+    """``value`` as an int if it is a whole number >= ``minimum``; SettingError otherwise.
+
+    Rejects bools, None, NaN, infinities and fractions with a message naming the value.
+    """
+    try:
+        whole = not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or value < minimum:
+        raise SettingError(f"{what} {value!r} must be an integer >= {minimum}{hint}")
+    return int(value)
+
+
 def first_line(exc: BaseException, limit: int = 240) -> str:
     """The first non-empty line of an exception's message, at most ``limit`` characters.
 

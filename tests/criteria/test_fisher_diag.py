@@ -312,14 +312,9 @@ def test_unknown_labels_raise_setting_error_naming_valid(labels):
         0,
         -1,
         1.5,
-        pytest.param(
-            float("nan"),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: fisher.check_labels calls int(samples) unguarded; NaN raises "
-                "ValueError instead of SettingError",
-            ),
-        ),
+        float("nan"),
+        float("inf"),
+        None,
     ],
 )
 def test_bad_sample_counts_raise(samples):
