@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -104,3 +107,57 @@ def check_run_dir(
             "pass --overwrite or choose another directory"
         )
     return out
+
+
+STATE_DIR = "state"
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then raise KeyboardInterrupt.
+
+    Used around checkpoint writes so an interrupt never leaves a half-written state;
+    outside the main thread signals cannot be handled and the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt(f"signal {caught[0]} during a checkpoint write")
+
+
+def save_step_state(run_dir: Path | str, step: int, tensors: dict, info: dict) -> Path:
+    """Checkpoint a finished step: tensors (safetensors) then latest.json pointing to them.
+
+    Both writes are atomic and happen with signals deferred; older step files are removed
+    only after latest.json points to the new one.
+    """
+    state = Path(run_dir) / STATE_DIR
+    name = f"step-{step:05d}.safetensors"
+    with deferred_signals():
+        save_tensors(state / name, tensors, {"prunekit.kind": "state", "prunekit.step": step})
+        write_json(state / "latest.json", {**info, "step": step, "tensors": name})
+        for old in state.glob("step-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+    return state / name
+
+
+def load_step_state(run_dir: Path | str) -> tuple[dict, dict] | None:
+    """(tensors, info) of the latest finished step, or None when there is no checkpoint."""
+    from safetensors.torch import load_file
+
+    latest = Path(run_dir) / STATE_DIR / "latest.json"
+    if not latest.exists():
+        return None
+    info = json.loads(latest.read_text())
+    return load_file(str(latest.parent / info["tensors"])), info

@@ -241,6 +241,9 @@ class _Run:
     ntk: NtkLog | None = None
     rows: list[dict] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
+    estimators: dict[str, str] = field(default_factory=dict)
+    dense: dict | None = None
+    pruned: dict | None = None
 
     def obs_deltas(self, curvature) -> dict:
         """OBS updates for the current masks, computed from the weights before zeroing."""
@@ -343,54 +346,158 @@ def _ntk_now(run: _Run, step: int, phase: str, sparsity: float):
     return run.ntk(step, phase, None, sparsity, run.masks) if run.ntk is not None else None
 
 
+def _cache_tensors(cache: dict) -> tuple[dict, dict]:
+    """EKFAC cache (kept eigenbasis) as flat tensors plus JSON-able metadata."""
+    import dataclasses
+
+    basis = cache.get("ekfac_basis")
+    meta: dict = {"ekfac_step": cache.get("ekfac_step")}
+    tensors: dict = {}
+    if basis is None:
+        return tensors, meta
+    meta["layers"] = {n: dataclasses.asdict(layer) for n, layer in basis.layers.items()}
+    for f in dataclasses.fields(basis):
+        if f.name != "layers":
+            for name, t in getattr(basis, f.name).items():
+                tensors[f"cache/{f.name}/{name}"] = t
+    return tensors, meta
+
+
+def _restore_cache(tensors: dict, meta: dict) -> dict:
+    import dataclasses
+
+    from prunekit.criteria.ekfac import EKFACBasis
+    from prunekit.criteria.kfac import Layer
+
+    if "layers" not in meta:
+        return {}
+    fields = {f.name: {} for f in dataclasses.fields(EKFACBasis) if f.name != "layers"}
+    for key, t in tensors.items():
+        if key.startswith("cache/"):
+            _, fname, name = key.split("/", 2)
+            fields[fname][name] = t
+    layers = {n: Layer(**{**d, "shape": tuple(d["shape"])}) for n, d in meta["layers"].items()}
+    return {"ekfac_basis": EKFACBasis(layers=layers, **fields), "ekfac_step": meta["ekfac_step"]}
+
+
+def save_state(run: _Run, state_dir, step: int, state_info: dict | None) -> None:
+    """Checkpoint everything needed to continue bit-identically after ``step``."""
+    from prunekit.prune.state import save_step_state
+
+    cache_tensors, cache_meta = _cache_tensors(run.cache)
+    tensors = {f"model/{k}": v for k, v in run.model.state_dict().items()}
+    tensors.update({f"mask/{k}": m.to(torch.uint8) for k, m in run.masks.items()})
+    tensors["rng/generator"] = run.gen.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    tensors.update(cache_tensors)
+    info = {
+        **(state_info or {}),
+        "rows": run.rows,
+        "dense": run.dense,
+        "pruned": run.pruned,
+        "estimators": run.estimators,
+        "cache": cache_meta,
+        "ntk": run.ntk.records if run.ntk is not None else [],
+    }
+    save_step_state(state_dir, step, tensors, info)
+
+
+def restore_state(run: _Run, state_dir, state_info: dict | None) -> int:
+    """Load the latest checkpoint into ``run``; returns its step (0 when there is none).
+
+    Refuses (SettingError naming the keys) a checkpoint made with another recipe.
+    """
+    from prunekit.prune.state import load_step_state
+
+    loaded = load_step_state(state_dir) if state_dir is not None else None
+    if loaded is None:
+        return 0
+    tensors, info = loaded
+    _check_same_recipe(info, state_info or {})
+    run.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    device = next(run.model.parameters()).device
+    run.masks = {n: tensors[f"mask/{n}"].bool().to(device) for n in run.masks}
+    run.gen.set_state(tensors["rng/generator"])
+    torch.set_rng_state(tensors["rng/torch"])
+    run.cache = _restore_cache(tensors, info["cache"])
+    run.rows, run.dense, run.pruned = info["rows"], info["dense"], info["pruned"]
+    run.estimators = info["estimators"]
+    if run.ntk is not None:
+        run.ntk.records = info["ntk"]
+    return int(info["step"])
+
+
+def _check_same_recipe(info: dict, state_info: dict) -> None:
+    if info.get("recipe_hash") == state_info.get("recipe_hash"):
+        return
+    from prunekit.recipe import changed_keys
+
+    changed = changed_keys(info.get("recipe") or {}, state_info.get("recipe") or {})
+    raise SettingError(
+        f"cannot resume: the recipe changed since the checkpoint (keys {changed or ['?']}); "
+        "restore it or start a new run without --resume"
+    )
+
+
+def _prune_step(run: _Run, crit, score_batches, k: int, target: float, n_steps: int) -> None:
+    """Score, mask, (compensate), fine-tune and record step ``k`` of ``n_steps``."""
+    t0 = time.perf_counter()
+    model, task, settings = run.model, run.task, run.settings
+    scored = crit.evaluate(
+        model, task, run.targets, score_batches, generator=run.gen, masks=run.masks, cache=run.cache
+    )
+    run.estimators = scored.estimators or run.estimators
+    if run.progress:
+        run.progress("score", k, n_steps)
+    run.masks = next_masks(scored.scores, run.masks, target, settings.scope)
+    deltas = run.obs_deltas(scored.curvature) if settings.compensate else None
+    apply_masks(model, run.masks)
+    run.pruned = _eval(model, task, run.data)
+    compensation = run.compensate(deltas, run.pruned) if deltas is not None else {}
+    _ntk_now(run, k, "prune", target)
+    run.finetune(settings.finetune_epochs, f"fine-tune step {k}", k, target)
+    run.record(k, run.pruned, time.perf_counter() - t0, _ntk_now(run, k, "finetune", target))
+    run.rows[-1].update(compensation)
+    log.info("step %d/%d sparsity %.4f", k, n_steps, target)
+    if run.progress:
+        run.progress("steps", k, n_steps)
+
+
 def run_pruning(
     model: nn.Module,
     data: DataBundle,
     settings: PruneSettings,
     task: Task | None = None,
     progress: Progress | None = None,
+    state_dir=None,
+    resume: bool = False,
+    state_info: dict | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place following ``settings``; return masks, metrics and report.
 
     Every setting is validated against the model and the data before any long work.
+    state_dir: checkpoint every finished step there (weights, masks, RNG states, EKFAC
+    basis, metrics so far), tagged with ``state_info`` (e.g. the recipe and its hash);
+    resume: continue from the latest checkpoint, ending bit-identical (CPU) to an
+    uninterrupted run.
     """
     start = time.perf_counter()
     task = task or make_task(data.kind)
     run, crit, sparsities = _start_run(model, data, settings, task, progress)
     device = next(model.parameters()).device
     score_batches = [batch_to(b, device) for b in data.first_train(settings.score_examples)]
-    dense = _eval(model, task, data)
-    run.record(0, dense, 0.0, _ntk_now(run, 0, "dense", 0.0))
-    estimators: dict[str, str] = {}
-    for k, target in enumerate(sparsities, start=1):
-        t0 = time.perf_counter()
-        scored = crit.evaluate(
-            model,
-            task,
-            run.targets,
-            score_batches,
-            generator=run.gen,
-            masks=run.masks,
-            cache=run.cache,
-        )
-        estimators = scored.estimators or estimators
-        if progress:
-            progress("score", k, len(sparsities))
-        run.masks = next_masks(scored.scores, run.masks, target, settings.scope)
-        deltas = run.obs_deltas(scored.curvature) if settings.compensate else None
-        apply_masks(model, run.masks)
-        pruned = _eval(model, task, data)
-        compensation = run.compensate(deltas, pruned) if deltas is not None else {}
-        _ntk_now(run, k, "prune", target)
-        run.finetune(settings.finetune_epochs, f"fine-tune step {k}", k, target)
-        run.record(k, pruned, time.perf_counter() - t0, _ntk_now(run, k, "finetune", target))
-        run.rows[-1].update(compensation)
-        log.info("step %d/%d sparsity %.4f", k, len(sparsities), target)
-        if progress:
-            progress("steps", k, len(sparsities))
+    first = restore_state(run, state_dir, state_info) + 1 if resume else 1
+    if first == 1:
+        run.dense = _eval(model, task, data)
+        run.record(0, run.dense, 0.0, _ntk_now(run, 0, "dense", 0.0))
+    for k in range(first, len(sparsities) + 1):
+        _prune_step(run, crit, score_batches, k, sparsities[k - 1], len(sparsities))
+        if state_dir is not None:
+            save_state(run, state_dir, k, state_info)
     run.finetune(settings.final_epochs, "final fine-tune", len(sparsities), settings.sparsity)
     final_ntk = _ntk_now(run, len(sparsities), "final", settings.sparsity)
-    metrics = {"dense": dense, "pruned": pruned, "finetuned": _eval(model, task, data)}
+    metrics = {"dense": run.dense, "pruned": run.pruned, "finetuned": _eval(model, task, data)}
+    estimators = run.estimators
     report = build_report(
         settings,
         crit,

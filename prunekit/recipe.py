@@ -1,0 +1,247 @@
+"""Compression recipes: strict YAML schema, --set overrides, hashing and end-of-run checks.
+
+A recipe is data (never code): every key is declared in ``SCHEMA`` with its type and
+default; an unknown key, a wrong type or an impossible value is a RecipeError naming the
+key, its line and what is valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from prunekit.errors import PrunekitError
+
+
+class RecipeError(PrunekitError):
+    """The recipe file or an override is invalid (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe key: accepted Python types, default, and a one-line description."""
+
+    types: tuple[type, ...]
+    default: object
+    help: str
+
+
+def _f(types, default, help_text):
+    return Field(types if isinstance(types, tuple) else (types,), default, help_text)
+
+
+NUM = (int, float)
+OPT_STR = (str, type(None))
+SCHEMA: dict[str, dict[str, Field] | Field] = {
+    "version": _f(int, 1, "recipe format version (1)"),
+    "name": _f(OPT_STR, None, "a name for reports"),
+    "seed": _f(int, 0, "seed of every random choice"),
+    "data": _f(str, "digits", "data spec: digits, mnist5k, synthetic, FILE.npz, module:function"),
+    "model": {
+        "example": _f(OPT_STR, None, "train this zoo example first (e.g. mlp-digits)"),
+        "checkpoint": _f(OPT_STR, None, "checkpoint path, relative to the recipe file"),
+        "arch": _f(OPT_STR, None, "module:factory[?k=v] for a state_dict checkpoint"),
+    },
+    "targets": {
+        "include": _f(list, [], "glob patterns of parameter names to prune"),
+        "exclude": _f(list, [], "glob patterns of parameter names never pruned"),
+    },
+    "criterion": {
+        "name": _f(str, "obd", "magnitude, lm, qm, obd, obs"),
+        "fisher": _f(OPT_STR, None, "ekfac, kfac, diag (default: the criterion's)"),
+        "labels": _f(OPT_STR, None, "exact, sampled, empirical"),
+        "samples": _f(int, 1, "labels drawn per example for sampled"),
+        "lambda": _f(NUM, 0.0, "locality penalty"),
+        "scope": _f(str, "global", "global or layer"),
+        "score_examples": _f(int, 1000, "training examples used to score"),
+        "refit_basis_every": _f(int, 0, "EKFAC eigenbasis refit period (0 = keep)"),
+        "compensate": _f(bool, False, "OBS update of surviving weights"),
+    },
+    "schedule": {
+        "final": _f(NUM, 0.9, "final sparsity of target weights, in [0, 1)"),
+        "steps": _f(int, 10, "pruning steps"),
+        "kind": _f(str, "exp", "exp, linear, cubic"),
+    },
+    "finetune": {
+        "optimizer": _f(str, "sgd", "sgd or adamw"),
+        "lr": _f(NUM, 0.01, "learning rate"),
+        "momentum": _f(NUM, 0.9, "SGD momentum"),
+        "weight_decay": _f(NUM, 5e-4, "weight decay"),
+        "batch_size": _f(int, 100, "batch size"),
+        "epochs_per_step": _f(NUM, 1.0, "fine-tuning epochs after each step"),
+        "final_epochs": _f(NUM, 2.0, "epochs of the final fine-tune"),
+    },
+    "analysis": {
+        "ntk": _f((bool, type(None)), None, "log NTK alignment (null = when cheap)"),
+        "ntk_every": _f(str, "x2", "fine-tuning iterations to log at"),
+    },
+    "export": {
+        "enabled": _f(bool, False, "export model.onnx into the run directory"),
+        "storage": _f(str, "packed", "dense, sparse, packed"),
+        "quantize": _f(OPT_STR, None, "null or int8"),
+    },
+    "checks": {
+        "min_sparsity": _f((*NUM, type(None)), None, "minimum global sparsity over targets"),
+        "max_accuracy_drop": _f((*NUM, type(None)), None, "max accuracy drop vs dense, points"),
+        "max_loss_increase": _f((*NUM, type(None)), None, "max validation loss increase"),
+        "max_export_bytes": _f((int, type(None)), None, "max ONNX file size, bytes"),
+        "max_export_ratio": _f((*NUM, type(None)), None, "max ONNX bytes / dense fp32 bytes"),
+        "export_parity": _f((bool, type(None)), None, "the export's parity check must pass"),
+        "max_latency_ratio": _f((*NUM, type(None)), None, "max ORT latency vs dense ORT"),
+    },
+}
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {
+        int: "integer",
+        float: "number",
+        str: "string",
+        bool: "true/false",
+        list: "list",
+        type(None): "null",
+    }
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _check_type(path: str, value, spec: Field, where: str) -> None:
+    ok = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if not ok:
+        raise RecipeError(
+            f"{where}: {path} = {value!r} must be {_type_names(spec.types)} ({spec.help})"
+        )
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise RecipeError(f"{where}: {path} must be a list of strings (glob patterns)")
+
+
+def _lines(node, prefix: str = "") -> dict[str, int]:
+    """Dotted key path -> 1-based line number, from a composed YAML mapping node."""
+    out = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = f"{prefix}{key_node.value}"
+            out[path] = key_node.start_mark.line + 1
+            out.update(_lines(value_node, path + "."))
+    return out
+
+
+def _validate_tree(tree: dict, lines: dict[str, int], source: str) -> dict:
+    """Check keys and types against SCHEMA; return the tree with every default filled in."""
+    resolved: dict = {}
+    for key, value in tree.items():
+        where = f"{source}:{lines.get(key, '?')}"
+        if key not in SCHEMA:
+            raise RecipeError(f"{where}: unknown key {key!r}; known keys: {', '.join(SCHEMA)}")
+        spec = SCHEMA[key]
+        if isinstance(spec, Field):
+            _check_type(key, value, spec, where)
+            continue
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: {key} must be a mapping of {', '.join(spec)}")
+        for sub, sub_value in value.items():
+            sub_where = f"{source}:{lines.get(f'{key}.{sub}', '?')}"
+            if sub not in spec:
+                raise RecipeError(
+                    f"{sub_where}: unknown key {key}.{sub}; known keys of {key}: {', '.join(spec)}"
+                )
+            _check_type(f"{key}.{sub}", sub_value, spec[sub], sub_where)
+    for key, spec in SCHEMA.items():
+        given = tree.get(key, {} if isinstance(spec, dict) else spec.default)
+        if isinstance(spec, dict):
+            resolved[key] = {sub: given.get(sub, f.default) for sub, f in spec.items()}
+        else:
+            resolved[key] = given
+    return resolved
+
+
+def load_recipe(path: Path | str, overrides: list[str] = ()) -> dict:
+    """Read, apply ``--set key.sub=value`` overrides, and validate a recipe file.
+
+    Returns the fully resolved recipe (every key present, defaults filled in), with
+    ``model.checkpoint`` made absolute relative to the recipe's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        msg = " ".join(str(exc).split())
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {msg}") from exc
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe {str(path)!r} must be a mapping of sections")
+    lines = _lines(node)
+    for item in overrides:
+        _apply_override(tree, item)
+    recipe = _validate_tree(tree, lines, str(path))
+    checkpoint = recipe["model"]["checkpoint"]
+    if checkpoint and not Path(checkpoint).is_absolute():
+        recipe["model"]["checkpoint"] = str((path.parent / checkpoint).resolve())
+    _check_model_section(recipe, str(path))
+    return recipe
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    key, eq, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not eq or not all(parts):
+        raise RecipeError(f"--set {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    spec = SCHEMA.get(parts[0])
+    if spec is None or (isinstance(spec, dict) and (len(parts) != 2 or parts[1] not in spec)):
+        known = [
+            k if isinstance(v, Field) else f"{k}.{s}"
+            for k, v in SCHEMA.items()
+            for s in ([None] if isinstance(v, Field) else v)
+        ]
+        raise RecipeError(f"--set {key!r}: unknown key; known keys: {', '.join(known)}")
+    if isinstance(spec, Field):
+        _check_type(key, value, spec, "--set")
+        tree[parts[0]] = value
+        return
+    _check_type(key, value, spec[parts[1]], "--set")
+    section = tree.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise RecipeError(f"--set {key!r}: section {parts[0]!r} is not a mapping")
+    section[parts[1]] = value
+
+
+def _check_model_section(recipe: dict, source: str) -> None:
+    model = recipe["model"]
+    if bool(model["example"]) == bool(model["checkpoint"]):
+        raise RecipeError(
+            f"{source}: model needs exactly one of model.example (a zoo example to train) or "
+            "model.checkpoint (a file, with model.arch for a state_dict)"
+        )
+
+
+def recipe_hash(recipe: dict) -> str:
+    """sha256 of the resolved recipe's canonical JSON (what resume compares)."""
+    blob = json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved recipes."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
