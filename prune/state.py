@@ -20,7 +20,13 @@ from prunekit.types import Masks
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-RUN_FILES = ("report.json", "metrics.jsonl", "masks.safetensors", "model.safetensors")
+RUN_FILES = (
+    "report.json",
+    "metrics.jsonl",
+    "masks.safetensors",
+    "model.safetensors",
+    "state/latest.json",
+)
 
 
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:

@@ -376,6 +376,123 @@ def export_cmd(
     _receipt_summary(receipt)
 
 
+def _checks_table(checks: list[dict]) -> bool:
+    table = Table(title="checks")
+    for col in ("check", "limit", "value", "result"):
+        table.add_column(col, justify="left" if col == "check" else "right")
+    for row in checks:
+        table.add_row(
+            row["check"],
+            _fmt(row["limit"]),
+            _fmt(row["value"]),
+            "pass" if row["passed"] else "FAIL",
+        )
+    if checks:
+        out_console.print(table)
+    return all(row["passed"] for row in checks)
+
+
+def _sigterm_as_interrupt() -> None:
+    import signal
+
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a recipe key: section.key=value (repeatable, type-checked)."
+    ),
+    out: Path = typer.Option(None, help="Run directory (default runs/<recipe name>)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last step."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier run in --out."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Run a compression recipe; exit 0 when every check passes, 1 when one fails."""
+    from prunekit.pipeline import run_recipe
+    from prunekit.prune.state import check_run_dir
+    from prunekit.recipe import load_recipe
+
+    spec = load_recipe(recipe, set_)
+    out = out or Path("runs") / recipe.stem
+    if not resume:
+        check_run_dir(out, overwrite, inputs=(recipe,))
+    _sigterm_as_interrupt()
+    with BarProgress(enabled=not quiet) as bars:
+        report, checks = run_recipe(spec, out, resume=resume, progress=bars)
+    _plots(out)
+    _summary(report, out)
+    if not _checks_table(checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(
+    recipes: list[Path] = typer.Argument(..., help="Recipe YAML files."),
+) -> None:
+    """Check recipes against the schema and resolve their targets (no data, no compute)."""
+    from prunekit.pipeline import validate_recipe
+    from prunekit.recipe import load_recipe
+
+    for path in recipes:
+        checked = validate_recipe(load_recipe(path))
+        targets = checked["targets"]
+        what = (
+            f"{len(targets)} targets, {sum(targets.values()):,} weights"
+            if targets is not None
+            else "targets resolved when the model loads"
+        )
+        out_console.print(f"ok {path}: {len(checked['steps'])} steps, {what}")
+
+
+@app.command()
+def explain(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: section.key=value."),
+) -> None:
+    """Print a recipe's step timeline and estimated passes, without training or scoring."""
+    from prunekit.pipeline import explain_recipe
+    from prunekit.recipe import load_recipe
+
+    plan = explain_recipe(load_recipe(recipe, set_))
+    table = Table(title=f"timeline of {recipe}")
+    cols = (
+        "step",
+        "sparsity",
+        "kept",
+        "per layer",
+        "FT epochs",
+        "score fwd",
+        "score bwd",
+        "FT fwd+bwd",
+    )
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in plan["rows"]:
+        table.add_row(
+            str(r["step"]),
+            f"{r['sparsity']:.4f}",
+            _fmt(r["kept"]),
+            _fmt(r["per_layer"]),
+            f"{r['finetune_epochs']:g}",
+            f"{r['score_forward']:,}",
+            f"{r['score_backward']:,}",
+            f"{r['finetune_forward']:,.0f}",
+        )
+    out_console.print(table)
+    t = plan["totals"]
+    out_console.print(
+        f"total example-passes: scoring {t['score_forward']:,} fwd / {t['score_backward']:,} "
+        f"bwd; fine-tuning {t['finetune_forward']:,.0f} fwd+bwd (final fine-tune included)"
+    )
+    for note in plan["notes"]:
+        out_console.print(f"note: {note}")
+
+
 def _print_error(message: str) -> None:
     one_line = " ".join(message.split())
     err_console.print(f"error: {one_line}", highlight=False, soft_wrap=True, markup=False)

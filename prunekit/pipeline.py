@@ -750,3 +750,203 @@ def export_onnx(model: nn.Module, path, example_input, storage: str = "packed", 
     from prunekit.export import export_onnx as _export_onnx
 
     return _export_onnx(model, path, example_input, storage=storage, **kwargs)
+
+
+def settings_from_recipe(recipe: dict) -> PruneSettings:
+    """PruneSettings of a resolved recipe (see prunekit.recipe.SCHEMA)."""
+    crit, sched, ft, an = (recipe[k] for k in ("criterion", "schedule", "finetune", "analysis"))
+    return PruneSettings(
+        criterion=crit["name"],
+        sparsity=sched["final"],
+        steps=sched["steps"],
+        schedule=sched["kind"],
+        fisher=crit["fisher"],
+        labels=crit["labels"],
+        samples=crit["samples"],
+        lam=float(crit["lambda"]),
+        scope=crit["scope"],
+        score_examples=crit["score_examples"],
+        finetune_epochs=float(ft["epochs_per_step"]),
+        final_epochs=float(ft["final_epochs"]),
+        batch_size=ft["batch_size"],
+        optimizer=ft["optimizer"],
+        lr=float(ft["lr"]),
+        momentum=float(ft["momentum"]),
+        weight_decay=float(ft["weight_decay"]),
+        include=tuple(recipe["targets"]["include"]),
+        exclude=tuple(recipe["targets"]["exclude"]),
+        seed=recipe["seed"],
+        refit_basis_every=crit["refit_basis_every"],
+        compensate=crit["compensate"],
+        ntk=an["ntk"],
+        ntk_every=an["ntk_every"],
+    )
+
+
+def recipe_model(recipe: dict, progress: Progress | None = None, train: bool = True):
+    """(model, arch spec) of a recipe: a trained zoo example or a loaded checkpoint.
+
+    train=False builds the example's architecture untrained (for resume and validation).
+    """
+    from prunekit.checkpoint import build_model, load_model
+    from prunekit.models import EXAMPLES
+
+    spec = recipe["model"]
+    if spec["example"]:
+        if spec["example"] not in EXAMPLES:
+            raise choice_error("model.example", spec["example"], EXAMPLES)
+        if not train:
+            return build_model(EXAMPLES[spec["example"]].arch), EXAMPLES[spec["example"]].arch
+        model, arch, _, _ = train_example(spec["example"], seed=recipe["seed"], progress=progress)
+        return model, arch
+    loaded = load_model(spec["checkpoint"], arch=spec["arch"])
+    return loaded.model, loaded.arch
+
+
+def run_recipe(recipe: dict, out, resume: bool = False, progress: Progress | None = None):
+    """Run a resolved recipe into run directory ``out``; returns (report, checks rows).
+
+    Every finished step is checkpointed under out/state; with ``resume`` the run
+    continues from there (a changed recipe is refused). Export and checks come last.
+    """
+    from pathlib import Path
+
+    from prunekit.data import load_data
+    from prunekit.prune.state import load_step_state, write_json
+    from prunekit.recipe import evaluate_checks, recipe_hash
+
+    out = Path(out)
+    settings = settings_from_recipe(recipe)
+    data = load_data(recipe["data"], seed=recipe["seed"])
+    has_state = resume and load_step_state(out) is not None
+    model, arch = recipe_model(recipe, progress, train=not has_state)
+    info = {"recipe_hash": recipe_hash(recipe), "recipe": recipe}
+    result = run_pruning(
+        model, data, settings, progress=progress, state_dir=out, resume=resume, state_info=info
+    )
+    write_run(out, result, arch, recipe["data"])
+    receipt = None
+    if recipe["export"]["enabled"]:
+        receipt = export_model(
+            result.model,
+            out / "model.onnx",
+            data,
+            masks=result.masks,
+            storage=recipe["export"]["storage"],
+            quantize=recipe["export"]["quantize"],
+            overwrite=True,
+        )
+    checks = evaluate_checks(recipe["checks"], result.report, receipt)
+    result.report["checks"] = checks
+    result.report["recipe"] = {"name": recipe["name"], "hash": info["recipe_hash"]}
+    write_json(out / "report.json", result.report)
+    return result.report, checks
+
+
+def _meta_model(recipe: dict) -> nn.Module | None:
+    """The recipe's architecture built on the meta device (no weights, no compute)."""
+    from pathlib import Path
+
+    from prunekit.checkpoint import ARCH_KEY, build_model
+
+    spec = recipe["model"]
+    arch = spec["arch"]
+    if spec["example"]:
+        from prunekit.models import EXAMPLES
+
+        if spec["example"] not in EXAMPLES:
+            raise choice_error("model.example", spec["example"], EXAMPLES)
+        arch = EXAMPLES[spec["example"]].arch
+    elif not Path(spec["checkpoint"]).is_file():
+        raise SettingError(f"model.checkpoint {spec['checkpoint']!r} does not exist")
+    elif arch is None and spec["checkpoint"].endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(spec["checkpoint"], framework="pt") as f:
+            arch = (f.metadata() or {}).get(ARCH_KEY)
+    if arch is None:
+        return None  # TorchScript or pickle: targets are known only once loaded
+    with torch.device("meta"):
+        return build_model(arch)
+
+
+def validate_recipe(recipe: dict) -> dict:
+    """Check a resolved recipe's settings and resolve its targets on the meta device.
+
+    Returns {'targets': name -> numel (None if the model can't be built without loading),
+    'steps': schedule values}. Raises PrunekitError subclasses naming the bad value.
+    """
+    settings = settings_from_recipe(recipe)
+    make_run_criterion(settings)
+    sparsities = schedule(settings.sparsity, settings.steps, settings.schedule)
+    if settings.scope not in SCOPES:
+        raise choice_error("scope", settings.scope, SCOPES)
+    settings.finetune_settings(settings.finetune_epochs)
+    if recipe["export"]["enabled"]:
+        from prunekit.export import check_modes
+
+        check_modes(recipe["export"]["storage"], recipe["export"]["quantize"])
+    model = _meta_model(recipe)
+    targets = None
+    if model is not None:
+        found = find_targets(model, settings.include, settings.exclude)
+        targets = {n: t.numel for n, t in found.items()}
+    return {"targets": targets, "steps": sparsities}
+
+
+def _label_terms(crit, classes: int) -> int:
+    labels = crit.labels
+    if labels == "exact":
+        return classes
+    return crit.samples if labels == "sampled" else 1
+
+
+def explain_recipe(recipe: dict) -> dict:
+    """The step timeline of a recipe without any training or scoring.
+
+    Returns {'rows': [...], 'totals': {...}, 'notes': [...]}; each row has step, sparsity
+    (global, over targets), kept weights, per-layer sparsity for layer scope, fine-tuning
+    epochs, and estimated example-passes (forward / backward) for scoring and fine-tuning.
+    """
+    from prunekit.data import load_data
+
+    checked = validate_recipe(recipe)
+    settings = settings_from_recipe(recipe)
+    crit = make_run_criterion(settings)
+    data = load_data(recipe["data"], seed=recipe["seed"])
+    n_train, n_score = len(data.x_train), min(settings.score_examples, len(data.x_train))
+    total = sum(checked["targets"].values()) if checked["targets"] else None
+    terms = _label_terms(crit, max(data.num_classes, 1)) if crit.uses_curvature else 0
+    rows = []
+    for k, s in enumerate(checked["steps"], start=1):
+        passes = 2 if crit.uses_curvature and crit.fisher == "ekfac" and k == 1 else 1
+        score_fwd = n_score * (int(crit.uses_gradient) + passes * int(crit.uses_curvature))
+        score_bwd = n_score * (int(crit.uses_gradient) + passes * terms)
+        ft = settings.finetune_epochs * n_train
+        rows.append(
+            {
+                "step": k,
+                "sparsity": s,
+                "kept": None if total is None else total - round(s * total),
+                "per_layer": s if settings.scope == "layer" else None,
+                "finetune_epochs": settings.finetune_epochs,
+                "score_forward": score_fwd,
+                "score_backward": score_bwd,
+                "finetune_forward": ft,
+                "finetune_backward": ft,
+            }
+        )
+    final_ft = settings.final_epochs * n_train
+    totals = {
+        key: sum(r[key] for r in rows)
+        for key in ("score_forward", "score_backward", "finetune_forward", "finetune_backward")
+    }
+    totals["finetune_forward"] += final_ft
+    totals["finetune_backward"] += final_ft
+    notes = [
+        f"{n_train} training examples, {n_score} scored; final fine-tune "
+        f"{settings.final_epochs:g} epochs; passes counted per example"
+    ]
+    if settings.scope == "global":
+        notes.append("global scope: per-layer sparsity depends on the scores (known after run)")
+    return {"rows": rows, "totals": totals, "notes": notes, "targets": checked["targets"]}
