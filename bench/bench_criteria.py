@@ -32,6 +32,8 @@ RUNS = [  # (label, criterion, fisher, labels)
     ("qm (diag, exact)", "qm", "diag", "exact"),
     ("obd (diag, exact)", "obd", "diag", "exact"),
     ("obd (ekfac, sampled)", "obd", "ekfac", "sampled"),
+    ("qm (ekfac, sampled)", "qm", "ekfac", "sampled"),
+    ("obs (ekfac, sampled)", "obs", "ekfac", "sampled"),
 ]
 PAPER_SPARSITY = 1 - 0.8**20  # 0.98847
 FT_EPOCHS, LR, BATCH = 5.0, 0.01, 100
