@@ -15,6 +15,14 @@ the Frobenius-optimal diagonal in that basis, so EKFAC is never farther from F t
 Types: ``EKFACBasis`` holds only the eigenbasis and has no ``diagonal()``; the only ways to
 get an ``EKFAC`` (which has one) are ``fit_ekfac`` and ``refit_scaling``, both of which fit
 S from data. Between pruning steps keep ``ekfac.basis`` and call ``refit_scaling``.
+
+Cost. ``fit_ekfac`` runs ONE forward/backward pass: the activation and gradient rows of
+the factor pass are kept (within ``cache_bytes``) and S is fitted from them after the
+eigendecomposition. Layers whose rows do not fit get a second pass that replays the
+same labels (the generator state is restored), so both routes give the same S.
+Without a mask and with one position (Linear on 2-D inputs) S is one matmul per batch,
+``(g U_G)^2^T (a U_A)^2``; with positions (convs) or a mask, per-example gradients are
+built in bounded chunks and projected with one GEMM per group and side.
 """
 
 from __future__ import annotations
@@ -44,8 +52,11 @@ from prunekit.criteria.kfac import (
 from prunekit.errors import DataError, ModelError
 from prunekit.types import Batch, Masks, Target, Task
 
-# Largest number of per-example projected-gradient entries built at once (~128 MB float32).
-_CHUNK_ENTRIES = 32 * 1024 * 1024
+# Largest number of per-example gradient entries built at once (~32 MB float32; the masked
+# projection holds about three such buffers).
+_CHUNK_ENTRIES = 8 * 1024 * 1024
+# Default byte budget for the rows ``fit_ekfac`` keeps from its factor pass (see RowCache).
+CACHE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,10 @@ def _projected_sq(g: Tensor, a: Tensor, u_g: Tensor, u_a: Tensor, mask: Tensor |
     """sum_n (U_G^T [(sum_t g_nt a_nt^T) ∘ mask] U_A)^2: g (N,grp,L,o), a (N,grp,L,i').
 
     Without a mask, ``a`` must already be projected (a @ U_A, once per batch for all terms).
+    Otherwise per-example gradients are built ``_CHUNK_ENTRIES`` entries at a time (bmm
+    over positions), masked, projected on both sides (a broadcast matmul; measured at the
+    machine's GEMM rate, ~100 GFLOP/s on one thread). The masked cost is inherent:
+    N * o * i' * (o + i') multiply-adds, since (g a^T) ∘ M no longer factorises.
     """
     if mask is None:
         g = _project(g, u_g)  # project rows first: cheaper, and exact by linearity
@@ -164,10 +179,30 @@ def _projected_sq(g: Tensor, a: Tensor, u_g: Tensor, u_a: Tensor, mask: Tensor |
     acc = torch.zeros(groups, rows, a.shape[-1], dtype=g.dtype, device=g.device)
     for start in range(0, n, step):
         per_example = g[start : start + step].transpose(-1, -2) @ a[start : start + step]
-        if mask is not None:
+        if mask is None:
+            acc += per_example.pow(2).sum(0)
+        else:
             per_example = u_g.transpose(-1, -2) @ (per_example * mask) @ u_a
-        acc += per_example.pow(2).sum(0)
+            acc += per_example.pow(2).sum(0)
     return acc
+
+
+def _keep_masks(layers: dict[str, Layer], masks: Masks | None, like: dict[str, Tensor]):
+    """Per target: the (g, o, i') keep-mask in ``like``'s dtype/device, or None (unmasked)."""
+    out = {}
+    for t, ly in layers.items():
+        m = _layer_mask(ly, masks)
+        out[t] = m.to(dtype=like[t].dtype, device=like[t].device) if m is not None else None
+    return out
+
+
+def _batch_sq(a: Tensor, grads: Iterable[Tensor], u_g, u_a, mask) -> Tensor:
+    """One batch's sum over examples and label terms of squared projected gradients.
+
+    a: activation rows (N, grp, L, i'); grads: gradient rows (N, grp, L, o) per term.
+    """
+    rows = a if mask is not None else _project(a, u_a)  # once per batch for all terms
+    return sum(_projected_sq(g, rows, u_g, u_a, mask) for g in grads)
 
 
 def fit_scaling(
@@ -189,11 +224,7 @@ def fit_scaling(
     layers = basis.layers
     u_a = {t: u.to(dtype) for t, u in basis.u_a.items()}
     u_g = {t: u.to(dtype) for t, u in basis.u_g.items()}
-    keep = {t: _layer_mask(ly, masks) for t, ly in layers.items()}
-    keep = {
-        t: (m.to(dtype=dtype, device=u_a[t].device) if m is not None else None)
-        for t, m in keep.items()
-    }
+    keep = _keep_masks(layers, masks, u_a)
     acc = {
         t: torch.zeros(ly.groups, ly.rows, ly.cols, dtype=dtype, device=u_a[t].device)
         for t, ly in layers.items()
@@ -279,6 +310,59 @@ def refit_scaling(
     return EKFAC(basis, scaling, fallback, labels, seen)
 
 
+class RowCache:
+    """The rows of ``fit_factors``'s pass, kept per target and batch within a byte budget.
+
+    Called by ``fit_factors`` once per batch with (activation rows (N, grp, L, i') per
+    target, [gradient rows (N, grp, L, o) per target for each label term]). A target whose
+    rows would push the total past ``budget`` bytes is dropped (its rows freed) and listed
+    in ``dropped``; it needs a second pass. Memory per kept target: N*L*(i' + terms*o)
+    floats (a Linear on 1000 MNIST examples: about 3 MB).
+    """
+
+    def __init__(self, targets: Iterable[str], budget: int) -> None:
+        self.budget = int(budget)
+        self.rows: dict[str, list[tuple[Tensor, list[Tensor]]]] = {t: [] for t in targets}
+        self.dropped: set[str] = set()
+        self.used = 0
+
+    def __call__(self, acts: dict[str, Tensor], terms: list[dict[str, Tensor]]) -> None:
+        for t, a in acts.items():
+            if t in self.dropped:
+                continue
+            grads = [term[t] for term in terms]
+            size = sum(x.numel() * x.element_size() for x in (a, *grads))
+            if self.used + size > self.budget:
+                self.used -= sum(
+                    x.numel() * x.element_size() for a0, gs in self.rows[t] for x in (a0, *gs)
+                )
+                self.rows[t] = []
+                self.dropped.add(t)
+                continue
+            self.used += size
+            self.rows[t].append((a, grads))
+
+    def scaling(self, basis: EKFACBasis, masks: Masks | None, seen: int) -> dict[str, Tensor]:
+        """S (g, o, i') of every kept target from its rows, projected on ``basis``."""
+        kept = {t: ly for t, ly in basis.layers.items() if t not in self.dropped}
+        keep = _keep_masks(kept, masks, basis.u_a)
+        out = {}
+        for t, ly in kept.items():
+            u_g, u_a = basis.u_g[t], basis.u_a[t]
+            acc = torch.zeros(ly.groups, ly.rows, ly.cols, dtype=u_a.dtype, device=u_a.device)
+            for a, grads in self.rows[t]:
+                acc += _batch_sq(a, grads, u_g, u_a, keep[t])
+            out[t] = acc / seen
+        return out
+
+
+def _replay(gen: torch.Generator) -> torch.Generator:
+    """A new generator in ``gen``'s current state: it draws the same labels again."""
+    copy = torch.Generator(device=gen.device)
+    copy.set_state(gen.get_state())
+    return copy
+
+
 def fit_ekfac(
     model: nn.Module,
     task: Task,
@@ -289,31 +373,38 @@ def fit_ekfac(
     samples: int = 1,
     generator: torch.Generator | None = None,
     masks: Masks | None = None,
+    cache_bytes: int = CACHE_BYTES,
 ) -> EKFAC:
-    """Fit KFAC factors, eigendecompose them, then fit S in that basis (two streamed passes).
+    """Fit KFAC factors, eigendecompose them, then fit S in that basis -- in one pass.
 
-    Labels as in ``fit_kfac``; the same ``generator`` draws the labels of both passes.
-    A one-shot iterable of batches is materialised (it is read twice). Extra memory:
-    O(sum in'^2 + out^2) per layer plus one batch of activation rows.
+    Labels as in ``fit_kfac``. The rows of the factor pass are kept (``RowCache``, at most
+    ``cache_bytes``; 0 = keep none) and S is fitted from them, so basis and S see the same
+    examples and labels. Targets whose rows do not fit get a second streamed pass with the
+    generator replayed to its state before the first (same labels, same S). A one-shot
+    iterable of batches is materialised (it may be read twice). masks (True = keep):
+    pruned weights contribute nothing to S (the basis is fitted unmasked). Extra memory:
+    O(sum in'^2 + out^2) per layer, one batch of rows, and the cache.
     """
     check_labels(labels, task, samples)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     batches = reiterable(batches)
-    layers, _ = split_targets(model, targets)
-    a, g, _ = {}, {}, 0
-    if layers:
-        a, g, _ = fit_factors(
-            model, task, layers, batches, labels=labels, samples=samples, generator=gen
-        )
-    basis = eigenbasis(KFAC(layers, a, g, None, labels, 0))
-    return refit_scaling(
-        basis,
-        model,
-        task,
-        targets,
-        batches,
-        labels=labels,
-        samples=samples,
-        generator=gen,
-        masks=masks,
-    )
+    layers, rest = split_targets(model, targets)
+    kw = {"labels": labels, "samples": samples}
+    if not layers:
+        basis = EKFACBasis({}, {}, {}, {}, {})
+        return refit_scaling(basis, model, task, targets, batches, generator=gen, **kw)
+    replay = _replay(gen)
+    cache = RowCache(layers, cache_bytes)
+    a, g, seen = fit_factors(model, task, layers, batches, generator=gen, keep=cache, **kw)
+    basis = eigenbasis(KFAC(layers, a, g, None, labels, seen))
+    scaling = cache.scaling(basis, masks, seen)
+    del cache
+    missing = {t: ly for t, ly in layers.items() if t not in scaling}
+    if missing:
+        sub = _check_basis(basis, missing)
+        more, _ = fit_scaling(model, task, sub, batches, generator=replay, masks=masks, **kw)
+        scaling.update(more)
+    fallback = None
+    if rest:
+        fallback = fit_diag(model, task, rest, batches, generator=gen, **kw)
+    return EKFAC(basis, scaling, fallback, labels, fallback.examples if fallback else seen)

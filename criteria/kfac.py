@@ -31,7 +31,7 @@ for convs the 1/T in G is the KFC convention (Grosse & Martens 2016, nngeometry)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -213,10 +213,14 @@ def fit_factors(
     labels: str,
     samples: int,
     generator: torch.Generator,
+    keep: Callable[[dict[str, Tensor], list[dict[str, Tensor]]], None] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
     """(A per target (groups, i', i'), G per target (groups, o, o), examples seen).
 
-    Means over examples as in the module docstring; batches are streamed once.
+    Means over examples as in the module docstring; batches are streamed once. keep: if
+    given, called once per batch with (activation rows per target, [gradient rows per
+    target for each label term]) -- the rows of ``stream_rows`` -- so that a caller (EKFAC)
+    can reuse them instead of running a second pass.
     """
     dtype = accumulator_dtype(model)
     device = next(model.parameters()).device
@@ -235,9 +239,14 @@ def fit_factors(
     for n, acts, terms in stream:
         for t, a in acts.items():
             a_acc[t] += _group_gram(a)
+        kept = []
         for grads in terms:
             for t, g in grads.items():
                 g_acc[t] += _group_gram(g, 1.0 / math.sqrt(g.shape[2]))  # 1/T_n of KFC
+            if keep is not None:
+                kept.append(grads)
+        if keep is not None:
+            keep(acts, kept)
         seen += n
     if seen == 0:
         raise DataError("no examples to estimate the Fisher from (the data is empty)")

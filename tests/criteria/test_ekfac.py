@@ -255,3 +255,61 @@ def test_eigenbasis_is_orthonormal_and_diagonalises_the_factors():
         torch.testing.assert_close(u.transpose(1, 2) @ u, eye, **CLOSE)
         rebuilt = u @ torch.diag_embed(basis.lambda_a[t]) @ u.transpose(1, 2)
         torch.testing.assert_close(rebuilt, kfac.A[t], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_pass_equals_the_second_pass_route(arch, masked):
+    # The rows kept from the factor pass give the same S as a second streamed pass, which
+    # replays the same sampled labels; a budget that fits only some layers mixes the two.
+    model = MODELS[arch]()
+    x, y = orc.data(model, 7)
+    targets = find_targets(model)
+    gen = torch.Generator().manual_seed(5)
+    masks = {t: torch.rand(tg.shape, generator=gen) > 0.5 for t, tg in targets.items()}
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+
+    def fit(budget):
+        return fit_ekfac(
+            model,
+            orc.TASK,
+            targets,
+            iter(batches),
+            labels="sampled",
+            samples=2,
+            generator=torch.Generator().manual_seed(3),
+            masks=masks if masked else None,
+            cache_bytes=budget,
+        )
+
+    one, two, part = fit(2**30), fit(0), fit(1500)
+    for t in one.layers:
+        torch.testing.assert_close(one.scaling[t], two.scaling[t], **CLOSE)
+        torch.testing.assert_close(part.scaling[t], two.scaling[t], **CLOSE)
+    if masked:  # and S is the masked Fisher projected on the basis (sampled labels too)
+        unmasked = refit_scaling(
+            one, model, orc.TASK, targets, batches, labels="sampled", samples=2,
+            generator=torch.Generator().manual_seed(3),
+        )  # fmt: skip
+        assert not all(torch.allclose(one.scaling[t], unmasked.scaling[t]) for t in one.layers)
+
+
+def test_masked_scaling_of_a_widening_linear():
+    # o > i': the masked one-position path for a layer with more outputs than inputs.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    targets = find_targets(model)
+    gen = torch.Generator().manual_seed(0)
+    masks = {t: torch.rand(tg.shape, generator=gen) > 0.3 for t, tg in targets.items()}
+    ekfac = fit_ekfac(model, orc.TASK, targets, [(x, y)], labels="exact", masks=masks)
+    pgrads, _ = orc.per_example(model, x, y, "exact")
+    for name in orc.layer_names(model):
+        t, ly = f"{name}.weight", ekfac.layers[f"{name}.weight"]
+        blocks = orc.block_grads(model, {**pgrads, t: pgrads[t] * masks[t]}, name)
+        n, terms, grp = blocks.shape[:3]
+        v = blocks.reshape(n * terms, grp, -1).transpose(0, 1)
+        q = orc.kron_basis(ekfac.basis.u_g[t], ekfac.basis.u_a[t])
+        want = ((v @ q).pow(2).sum(1) / n).reshape(grp, ly.rows, ly.cols)
+        torch.testing.assert_close(ekfac.scaling[t], want, **CLOSE)
