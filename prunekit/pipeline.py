@@ -16,6 +16,7 @@ from torch import nn
 
 from prunekit.analysis import ntk_alignment as _ntk_alignment
 from prunekit.criteria import CRITERIA, make_criterion
+from prunekit.criteria.capture import capture as _capture
 from prunekit.criteria.fisher import check_labels
 from prunekit.data import DataBundle, check_data_fits
 from prunekit.errors import SettingError, choice_error
@@ -740,8 +741,10 @@ def ntk_alignment(model: nn.Module, inputs, targets, masks: Masks | None = None,
     """Tangent-kernel alignment of ``model`` on (inputs, targets) (see prunekit.analysis).
 
     Returns ``alignment``, ``per_layer`` (name -> float), ``effective_rank`` and ``trace``;
-    pruned weights (mask False) are left out of the kernel.
+    pruned weights (mask False) are left out of the kernel. Linear layers use the exact
+    factored kernel (layer inputs x output gradients, captured by prunekit's hooks).
     """
+    kwargs.setdefault("capture", _capture)  # Linear layers through the exact factored form
     return _ntk_alignment(model, inputs, targets, masks=masks, **kwargs)
 
 
