@@ -201,14 +201,17 @@ def _layer_kernel(
     return kernel
 
 
-def center_kernel(kernel: Tensor) -> Tensor:
+def center_kernel(kernel: Tensor, inplace: bool = False) -> Tensor:
     """(I_C kron H) K (I_C kron H) for K of shape (C, n, C, n), H = I_n - 1 1^T / n.
 
     Computed as double centring (subtract the example means of both example indices), which
-    costs O((Cn)^2) instead of two (Cn)^3 products.
+    costs O((Cn)^2) instead of two (Cn)^3 products. ``inplace`` overwrites ``kernel`` (no
+    new (Cn)^2 buffers: the per-layer kernels built here are private).
     """
-    kernel = kernel - kernel.mean(dim=1, keepdim=True)
-    return kernel - kernel.mean(dim=3, keepdim=True)
+    if not inplace:
+        kernel = kernel.clone()
+    kernel.sub_(kernel.mean(dim=1, keepdim=True))
+    return kernel.sub_(kernel.mean(dim=3, keepdim=True))
 
 
 def _model_outputs(model: nn.Module, inputs: Tensor) -> int:
@@ -311,7 +314,7 @@ def _iter_layer_kernels(
                 kernel = factored_kernel(factors.pop(name), mask, budget)
             else:
                 kernel = _layer_kernel(model, frozen, name, inputs, n_outputs, keeps[name], budget)
-            yield name, center_kernel(kernel) if centered else kernel
+            yield name, center_kernel(kernel, inplace=True) if centered else kernel
 
 
 def tangent_kernel(
@@ -419,6 +422,7 @@ def ntk_alignment(
     params: Sequence[str] | None = None,
     memory_budget_mb: float = 256.0,
     capture: Capture | None = None,
+    spectrum: bool = True,
 ) -> dict:
     """Tangent-kernel alignment of ``model`` on one probe batch (Baratin et al. 2021).
 
@@ -441,7 +445,8 @@ def ntk_alignment(
     the signature of ``prunekit.criteria.capture.capture``; then Linear weights and biases
     applied once to an (n, in) batch use the exact factored kernel (orders of magnitude
     faster), assuming examples do not interact in the eval-mode forward. The effective rank
-    is the one O((C n)^3) step; it runs in the model's dtype.
+    is the one O((C n)^3) step (an eigendecomposition in the model's dtype, about 0.05 s for
+    C n = 1000 on 2 cores); ``spectrum=False`` skips it and returns ``effective_rank`` None.
     """
     if targets.shape[0] != inputs.shape[0]:
         raise SettingError(
@@ -466,7 +471,7 @@ def ntk_alignment(
         "per_layer": per,
         # float32 eigenvalues for a float32 model: half the time, and the entropy of the
         # spectrum is insensitive to the round-off of its smallest eigenvalues.
-        "effective_rank": effective_rank(flat.to(_compute_dtype(model))),
+        "effective_rank": effective_rank(flat.to(_compute_dtype(model))) if spectrum else None,
         "trace": float(flat.diagonal().sum()) / n,
         "n": n,
         "outputs": n_outputs,

@@ -1,13 +1,25 @@
-"""Benchmark: prunekit.ntk_alignment vs a naive full-Jacobian computation, same run.
+"""Benchmark: time per NTK alignment evaluation vs n: factored Linear path, jacrev path, naive.
 
 Model: the 784-300-100-10 tanh MLP (float32) on n probe examples (random inputs and labels:
-the cost does not depend on the values). Every variant runs in its own subprocess so that
-its peak resident memory (ru_maxrss, minus the process's size before the computation) is
-its own. Times are the best of ``--repeats`` runs after one warm-up on 2 examples.
+the cost does not depend on the values), C = 10 outputs, so K is (10 n) x (10 n). Variants:
 
-    .venv/bin/python bench/bench_ntk.py [--n 100] [--repeats 2]
+- naive: torch.func.jacrev of the (c, i)-ordered outputs w.r.t. all weights at once (the full
+  Jacobian), centred, then J_l J_l^T per layer;
+- jacrev: prunekit ntk_alignment without ``capture`` (per-example vmap(jacrev), one tensor
+  at a time, 256 MB budget);
+- factored: ntk_alignment with ``capture=prunekit.criteria.capture.capture`` (how the
+  pipeline calls it): Linear kernels from layer inputs and C output-gradient passes;
+- the same two at 90% sparsity (random masks, weights zeroed): the masked factored kernel.
 
-Prints a markdown table; ratios are relative to the naive row.
+Each (variant, n) runs in its own subprocess so that its peak resident memory (ru_maxrss,
+minus the process's size before the computation) is its own. Times are the best of
+``--repeats`` runs after one warm-up on 2 examples; a variant whose first run takes over 5 s
+is timed once. "eig" is the part of the factored time spent in the effective rank (float32
+eigvalsh of K), timed separately in the same process.
+
+    .venv/bin/python bench/bench_ntk.py [--n 25 50 100 200] [--repeats 3] [--threads T]
+
+Prints a markdown table; ratio columns are measured in the same run.
 """
 
 from __future__ import annotations
@@ -24,17 +36,14 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from prunekit.analysis import ntk_alignment
+from prunekit.analysis import ntk_alignment, tangent_kernel
 from prunekit.analysis.ntk import effective_rank, kernel_alignment, label_vector
+from prunekit.criteria.capture import capture
 
 log = logging.getLogger("bench_ntk")
 
-VARIANTS = {
-    "naive": "naive jacrev of all parameters (full J, then J J^T per layer)",
-    "ntk256": "prunekit ntk_alignment, budget 256 MB",
-    "ntk2048": "prunekit ntk_alignment, budget 2048 MB",
-    "ntk256_sparse90": "prunekit ntk_alignment, 90% pruned (masks), budget 256 MB",
-}
+VARIANTS = ("naive", "jacrev", "factored", "jacrev_sparse90", "factored_sparse90")
+SLOW = 5.0  # seconds: time such a variant once instead of best-of-repeats
 
 
 def make_model() -> nn.Module:
@@ -69,10 +78,10 @@ def naive_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
         total = kernel if total is None else total + kernel
         start += size
     return {"alignment": kernel_alignment(total, yv), "per_layer": per,
-            "effective_rank": effective_rank(total)}  # fmt: skip
+            "effective_rank": effective_rank(total.float())}  # fmt: skip
 
 
-def run_variant(variant: str, n: int, repeats: int) -> dict:
+def _setup(variant: str, n: int):
     model = make_model().eval()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 784, generator=g)
@@ -85,59 +94,99 @@ def run_variant(variant: str, n: int, repeats: int) -> dict:
             for k, p in model.named_parameters():
                 if k in masks:
                     p.mul_(masks[k])
+    return model, x, y, masks
+
+
+def run_variant(variant: str, n: int, repeats: int) -> dict:
+    model, x, y, masks = _setup(variant, n)
+    hooks = capture if variant.startswith("factored") else None
 
     def once(xs, ys):
         if variant == "naive":
             return naive_alignment(model, xs, ys)
-        budget = 2048.0 if variant == "ntk2048" else 256.0
-        return ntk_alignment(model, xs, ys, masks=masks, memory_budget_mb=budget)
+        return ntk_alignment(model, xs, ys, masks=masks, capture=hooks)
 
     # ru_maxrss is a high-water mark: read it before the (small) warm-up, so the peak below
     # is this variant's own working set on top of the process's resting size.
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     once(x[:2], y[:2])  # warm-up: torch.func tracing, allocator
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats and not (times and times[0] > SLOW):
         start = time.perf_counter()
         result = once(x, y)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": variant, "n": n, "seconds": min(times), "alignment": result["alignment"],
+    eig = None
+    if hooks is not None:  # the O((C n)^3) floor of every variant: the effective rank
+        flat = sum(tangent_kernel(model, x, masks=masks, capture=hooks).values()).float()
+        eig = min(_timed(lambda: effective_rank(flat)) for _ in range(repeats))
+    return {"variant": variant, "n": n, "seconds": min(times), "runs": len(times),
+            "alignment": result["alignment"], "eig_seconds": eig,
             "peak_extra_mb": (peak - base) / 1024}  # fmt: skip
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _table(rows: dict, sizes: list[int]) -> list[str]:
+    lines = [
+        "| n | K size | naive (s) | jacrev (s) | factored (s) | of which eig (s) | "
+        "jacrev / factored | naive / factored | jacrev 90% (s) | factored 90% (s) | "
+        "jacrev / factored 90% | max abs. diff. alignment | peak extra MB naive / jacrev "
+        "/ factored |",
+        "|" + "---:|" * 13,
+    ]
+    for n in sizes:
+        r = {v: rows[(v, n)] for v in VARIANTS}
+        s = {v: r[v]["seconds"] for v in VARIANTS}
+        diff = max(
+            abs(r[f"factored{tag}"]["alignment"] - r[f"jacrev{tag}"]["alignment"])
+            for tag in ("", "_sparse90")
+        )
+        peaks = " / ".join(f"{r[v]['peak_extra_mb']:.0f}" for v in VARIANTS[:3])
+        lines.append(
+            f"| {n} | {10 * n} | {s['naive']:.2f} | {s['jacrev']:.2f} | {s['factored']:.3f} | "
+            f"{r['factored']['eig_seconds']:.3f} | {s['jacrev'] / s['factored']:.0f} | "
+            f"{s['naive'] / s['factored']:.0f} | {s['jacrev_sparse90']:.2f} | "
+            f"{s['factored_sparse90']:.3f} | "
+            f"{s['jacrev_sparse90'] / s['factored_sparse90']:.0f} | {diff:.1e} | {peaks} |"
+        )
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--child", choices=sorted(VARIANTS))
+    parser.add_argument("--n", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--child", choices=VARIANTS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
-        sys.stdout.write(json.dumps(run_variant(args.child, args.n, args.repeats)) + "\n")
+        sys.stdout.write(json.dumps(run_variant(args.child, args.n[0], args.repeats)) + "\n")
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = []
-    for variant in VARIANTS:
-        log.info("running %s ...", variant)
-        cmd = [sys.executable, __file__, "--child", variant, "--n", str(args.n),
-               "--repeats", str(args.repeats)]  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    naive = rows[0]
+    rows = {}
+    for n in args.n:
+        for variant in VARIANTS:
+            log.info("running %s, n=%d ...", variant, n)
+            cmd = [sys.executable, __file__, "--child", variant, "--n", str(n),
+                   "--repeats", str(args.repeats)]  # fmt: skip
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows[(variant, n)] = json.loads(out.strip().splitlines()[-1])
     lines = [
-        f"NTK alignment, 784-300-100-10 tanh MLP, n={args.n} probe examples, C=10 "
-        f"(K is {10 * args.n}x{10 * args.n}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, best of {args.repeats}",
+        "NTK alignment per evaluation, 784-300-100-10 tanh MLP (float32), C=10, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; best of {args.repeats} "
+        f"(once when over {SLOW:.0f} s)",
         "",
-        "| method | seconds | x naive time | peak extra RSS (MB) | alignment |",
-        "|---|---:|---:|---:|---:|",
+        *_table(rows, args.n),
     ]
-    for r in rows:
-        lines.append(
-            f"| {VARIANTS[r['variant']]} | {r['seconds']:.2f} | "
-            f"{r['seconds'] / naive['seconds']:.2f} | {r['peak_extra_mb']:.0f} | "
-            f"{r['alignment']:.6f} |"
-        )
     sys.stdout.write("\n".join(lines) + "\n")
 
 

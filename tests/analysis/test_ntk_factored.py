@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.analysis import ntk_alignment, tangent_kernel
+from prunekit.analysis import ntk_alignment, ntk_record, tangent_kernel
 from prunekit.analysis.ntk_factored import _masked_weight_kernel, factored_kernel
 from prunekit.criteria.capture import capture
 
@@ -152,3 +152,16 @@ def test_factored_path_leaves_no_trace_even_without_requires_grad():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     for m in model.modules():
         assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
+
+
+def test_spectrum_false_skips_only_the_effective_rank():
+    torch.manual_seed(4)
+    model = plain().double()
+    x, y = torch.randn(N, 4, dtype=torch.float64), torch.randint(0, C, (N,))
+    full = ntk_alignment(model, x, y, capture=capture)
+    quick = ntk_alignment(model, x, y, capture=capture, spectrum=False)
+    assert quick["effective_rank"] is None and full["effective_rank"] > 1.0
+    assert {k: v for k, v in quick.items() if k != "effective_rank"} == {
+        k: v for k, v in full.items() if k != "effective_rank"
+    }
+    assert ntk_record(1, "prune", None, 0.5, quick)["effective_rank_train"] is None
