@@ -12,16 +12,23 @@ batch of N examples and N batches of one give the same result.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+from torch.utils._pytree import tree_map
 
 from prunekit.criteria.capture import Recorder, capture, scoring_mode
 from prunekit.criteria.persample import conv_sq_grads, linear_sq_grads
+from prunekit.criteria.unrolled import functional_twin
 from prunekit.errors import DataError, SettingError, choice_error, int_setting
 from prunekit.types import Batch, Target, Task, batch_size
+
+log = logging.getLogger(__name__)
 
 LABELS = ("exact", "sampled", "empirical")
 
@@ -99,8 +106,91 @@ def _accumulator(p: Tensor) -> Tensor:
     return torch.zeros(p.shape, dtype=dtype, device=p.device)
 
 
+# Largest number of per-example gradient entries the vmap path builds at once (~128 MB fp32).
+_VMAP_CHUNK_ENTRIES = 32 * 1024 * 1024
+
+
+class _TaskForward(nn.Module):
+    """``task.forward(model, batch)`` as a module call, so functional_call can wrap it."""
+
+    def __init__(self, model: nn.Module, task: Task):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.task.forward(self.model, batch)
+
+
+def _tensor_leaves(batch: Batch, fn, other=None):
+    """Apply ``fn`` to every tensor of a (nested) batch, ``other`` (or identity) elsewhere."""
+    return tree_map(
+        lambda v: fn(v) if isinstance(v, Tensor) else (other or (lambda u: u))(v), batch
+    )
+
+
+def _vmap_sq_grads(model, task, batch, sets, names, params) -> dict[str, Tensor]:
+    """sum_i sum_terms (d term_i / d theta)^2 for ``names``, by torch.func.
+
+    Per chunk of examples: vmap over examples of jacrev over the stacked label terms (C
+    classes for exact labels, one per drawn/data label otherwise), each example run as a
+    batch of one through ``task.forward``. nn.LSTM/GRU/RNN run as their unrolled twins.
+    Raises whatever vmap raises on models it cannot batch (the caller falls back).
+    """
+    net = _TaskForward(functional_twin(model), task)
+    fixed = {f"model.{n}": p.detach() for n, p in params.items()}
+    labels = None if sets is None else torch.stack(sets)  # (S, N, ...): dim 1 is the example
+
+    def terms(weights, example, ys):
+        sub = _tensor_leaves(example, lambda v: v.unsqueeze(0))
+        sub_sets = None if ys is None else [y.unsqueeze(0) for y in ys.unbind(0)]
+        out = functional_call(net, {**fixed, **weights}, (sub,))
+        return torch.stack([v.sum() for v in term_values(task, out, sub_sets)])
+
+    weights = {f"model.{n}": params[n].detach() for n in names}
+    per_call = vmap(
+        jacrev(terms),
+        in_dims=(
+            None,
+            _tensor_leaves(batch, lambda _: 0, lambda _: None),
+            None if sets is None else 1,
+        ),
+    )
+    if sets is None:  # exact labels: one term per class; read C off one example's outputs
+        with torch.no_grad():
+            n_terms = task.forward(model, slice_batch(batch, 0)).shape[-1]
+    else:
+        n_terms = len(sets)
+    size = sum(params[n].numel() for n in names) * n_terms
+    step = max(1, _VMAP_CHUNK_ENTRIES // max(1, size))
+    out = {n: _accumulator(params[n]) for n in names}
+    total = batch_size(batch)
+    for start in range(0, total, step):
+        part = _tensor_leaves(batch, lambda v, a=start: v[a : a + step])
+        ys = None if labels is None else labels[:, start : start + step]
+        jac = per_call(weights, part, ys)
+        for n in names:
+            out[n] += jac[f"model.{n}"].detach().to(out[n].dtype).pow(2).sum((0, 1))
+    return out
+
+
 def _loop_sq_grads(model, task, batch, sets, names, params, acc) -> None:
-    """Slow path: one example at a time, autograd w.r.t. the parameters themselves."""
+    """Targets the hooks cannot do (recurrent, custom, shared, exotic convs), exactly.
+
+    Fast path: per-example gradients by torch.func (``_vmap_sq_grads``). Where vmap cannot
+    batch the model, the slow path: one example at a time, autograd w.r.t. the parameters.
+    """
+    try:
+        with warnings.catch_warnings():
+            # a missing batching rule only means a slower vmap, not a wrong one
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            sums = _vmap_sq_grads(model, task, batch, sets, names, params)
+    except Exception as exc:  # vmap raises many types (in-place ops, .item(), control flow)
+        log.debug("vmap per-example gradients failed (%s); looping over examples", exc)
+        sums = None
+    if sums is not None:
+        for n in names:
+            acc[n] += sums[n]
+        return
     tensors = [params[n] for n in names]
     for i in range(batch_size(batch)):
         sub = slice_batch(batch, i)

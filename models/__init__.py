@@ -1,6 +1,28 @@
 """The small model zoo (prunekit.models): factories usable as arch specs `prunekit.models:NAME`."""
 
 from prunekit.models.examples import EXAMPLES, Example
+from prunekit.models.recurrent import (
+    BNLSTM,
+    BNRNN,
+    CELLS,
+    BNLSTMCell,
+    SeqBatchNorm,
+    SequenceClassifier,
+    lstm,
+)
 from prunekit.models.zoo import ACTIVATIONS, cnn, mlp
 
-__all__ = ["ACTIVATIONS", "EXAMPLES", "Example", "cnn", "mlp"]
+__all__ = [
+    "ACTIVATIONS",
+    "BNLSTM",
+    "BNRNN",
+    "CELLS",
+    "EXAMPLES",
+    "BNLSTMCell",
+    "Example",
+    "SeqBatchNorm",
+    "SequenceClassifier",
+    "cnn",
+    "lstm",
+    "mlp",
+]

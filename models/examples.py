@@ -51,4 +51,32 @@ EXAMPLES: dict[str, Example] = {
         0.02,
         "a two-stage CNN on 5,000 real MNIST digits",
     ),
+    "lstm-digits": Example(
+        "prunekit.models:lstm?input_size=8&hidden=64&classes=10&cell=lstm&rows=8",
+        "digits",
+        30,
+        0.5,
+        "an LSTM reading scikit-learn's 8x8 digits row by row (8 steps of 8 pixels)",
+    ),
+    "bnlstm-digits": Example(
+        "prunekit.models:lstm?input_size=8&hidden=64&classes=10&cell=bnlstm&rows=8",
+        "digits",
+        20,
+        0.5,
+        "a BN-LSTM (Cooijmans et al.) reading 8x8 digits row by row (8 steps of 8 pixels)",
+    ),
+    "lstm-mnist": Example(
+        "prunekit.models:lstm?input_size=28&hidden=100&classes=10&cell=lstm&rows=28",
+        "mnist5k",
+        10,
+        0.5,
+        "an LSTM reading 5,000 real MNIST digits row by row (28 steps of 28 pixels)",
+    ),
+    "bnlstm-mnist": Example(
+        "prunekit.models:lstm?input_size=28&hidden=100&classes=10&cell=bnlstm&rows=28",
+        "mnist5k",
+        10,
+        0.5,
+        "a BN-LSTM reading 5,000 real MNIST digits row by row (28 steps of 28 pixels)",
+    ),
 }
