@@ -208,4 +208,9 @@ def make_criterion(name: str, **settings) -> TaylorCriterion:
     """The registered criterion ``name`` with ``settings``; SettingError if unknown."""
     if name not in CRITERIA:
         raise choice_error("criterion", name, CRITERIA)
-    return CRITERIA[name](**settings)
+    cls = CRITERIA[name]
+    known = sorted(f for f in cls.__dataclass_fields__ if not f.startswith("uses_"))
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise SettingError(f"unknown settings {unknown} for criterion {name!r}; valid: {known}")
+    return cls(**settings)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
+from contextlib import contextmanager
 
 import onnx
 import torch
@@ -45,6 +47,23 @@ def _dynamo(net: nn.Module, x: Tensor, opset: int) -> onnx.ModelProto:
 _RUNNERS = {"torchscript": _torchscript, "dynamo": _dynamo}
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextmanager
+def _quiet_torch_loggers():
+    """Silence torch's exporter loggers (they print tracebacks of a failed attempt)."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def export_proto(
     net: nn.Module, example: Tensor, opset: int, exporter: str = "torchscript"
 ) -> tuple[onnx.ModelProto, str]:
@@ -59,10 +78,12 @@ def export_proto(
     errors = []
     for name in order:
         try:
-            proto = _RUNNERS[name](net, example, opset)
+            with _quiet_torch_loggers():
+                proto = _RUNNERS[name](net, example, opset)
         except Exception as exc:  # exporters raise many types; we report them all
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            log.warning("%s exporter failed: %s", name, first)
+            plain = _ANSI.sub("", str(exc)).strip()
+            first = (plain.splitlines() or [type(exc).__name__])[0]
+            log.debug("%s exporter failed: %s", name, first)
             errors.append(f"{name}: {type(exc).__name__}: {first[:300]}")
             continue
         return proto, name

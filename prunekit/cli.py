@@ -90,6 +90,23 @@ def _summary(report: dict, out: Path) -> None:
     )
 
 
+def _check_export_target(
+    path: Path, overwrite: bool, source: Path, receipt: Path | None = None, run_dir=None
+) -> None:
+    """Refuse an ONNX destination before any work: missing folder, the input, or files
+    that exist without --overwrite (the receipt beside it included)."""
+    from prunekit.errors import RunDirError
+
+    created_later = run_dir is not None and path.parent.resolve() == Path(run_dir).resolve()
+    if not path.parent.is_dir() and not created_later:
+        raise RunDirError(f"folder {str(path.parent)!r} of {str(path)!r} does not exist")
+    if path.resolve() == source.resolve():
+        raise RunDirError(f"{str(path)!r} is the input checkpoint; choose another path")
+    for existing in (path, receipt):
+        if existing is not None and existing.exists() and not overwrite:
+            raise RunDirError(f"{str(existing)!r} exists; pass --overwrite or choose another path")
+
+
 def _export_files(export: Path | None) -> tuple[str, ...]:
     return () if export is None else (str(export), "export.json")
 
@@ -234,6 +251,8 @@ def prune(
     loaded = _load(model, arch, trust_pickle)
     out = out or Path("runs") / f"{model.stem}-{criterion}-{sparsity:g}"
     check_run_dir(out, overwrite, inputs=(model,), extra_files=_export_files(export))
+    if export is not None:
+        _check_export_target(export, overwrite, model, run_dir=out)
     data_spec = data or loaded.metadata.get("prunekit.data")
     if not data_spec:
         raise PrunekitError("no --data given and the checkpoint names none; e.g. --data digits")
@@ -276,7 +295,7 @@ def prune(
             export,
             bundle,
             masks=result.masks,
-            overwrite=True,
+            overwrite=overwrite,
             receipt_path=out / "export.json",
         )
         _receipt_summary(receipt)
@@ -350,20 +369,18 @@ def export_cmd(
     trust_pickle: bool = typer.Option(False, help="Allow loading a full pickled module."),
 ) -> None:
     """Export a pruned model to ONNX, verify parity in onnxruntime, and print the receipt."""
-    from prunekit.errors import RunDirError
+    from prunekit.data import check_data_fits
     from prunekit.export import check_modes
     from prunekit.pipeline import export_model, resolve_data
 
     check_modes(storage, quantize)
     loaded = _load(checkpoint, arch, trust_pickle)
-    if out.resolve() == checkpoint.resolve():
-        raise RunDirError(f"--out {str(out)!r} is the input checkpoint; choose another path")
-    if out.exists() and not overwrite:
-        raise RunDirError(f"--out {str(out)!r} exists; pass --overwrite or choose another path")
+    _check_export_target(out, overwrite, checkpoint, receipt=out.with_name("export.json"))
     data_spec = data or loaded.metadata.get("prunekit.data")
     if not data_spec:
         raise PrunekitError("no --data given and the checkpoint names none; e.g. --data digits")
     bundle = resolve_data(data_spec)
+    check_data_fits(loaded.model, bundle)
     receipt = export_model(
         loaded.model,
         out,

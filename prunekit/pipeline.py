@@ -31,6 +31,18 @@ log = logging.getLogger("prunekit")
 # progress(label, done, total): the CLI draws bars from these calls; None = silent.
 Progress = Callable[[str, int, int], None]
 DEVICES = ("cpu", "cuda", "auto")
+STEP_KEYS = (
+    "step",
+    "sparsity",
+    "loss_after_prune",
+    "accuracy_after_prune",
+    "loss_after_finetune",
+    "accuracy",
+    "seconds",
+    "ntk_alignment",
+    "loss_before_compensation",
+    "loss_after_compensation",
+)
 NTK_MAX_OUTPUTS = 10
 NTK_MAX_WEIGHTS = 500_000
 
@@ -537,21 +549,7 @@ def build_report(settings, crit, task, model, targets, masks, rows, estimators, 
         },
         "params": counts,
         "metrics": metrics,
-        "steps": [
-            {
-                k: r[k]
-                for k in (
-                    "step",
-                    "sparsity",
-                    "loss_after_prune",
-                    "loss_after_finetune",
-                    "accuracy",
-                    "seconds",
-                    "ntk_alignment",
-                )
-            }
-            for r in rows[1:]
-        ],
+        "steps": [{k: r[k] for k in STEP_KEYS if k in r} for r in rows[1:]],
         "seconds": seconds,
         "settings": {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()

@@ -189,6 +189,7 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> dict:
     if checkpoint and not Path(checkpoint).is_absolute():
         recipe["model"]["checkpoint"] = str((path.parent / checkpoint).resolve())
     _check_model_section(recipe, str(path))
+    check_export_needed(recipe, str(path))
     return recipe
 
 
@@ -245,3 +246,65 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
+
+
+EXPORT_CHECKS = ("max_export_bytes", "max_export_ratio", "export_parity", "max_latency_ratio")
+
+
+def check_export_needed(recipe: dict, source: str = "recipe") -> None:
+    """Export gates need ``export.enabled: true``; RecipeError naming the gate otherwise."""
+    needing = [k for k in EXPORT_CHECKS if recipe["checks"][k] is not None]
+    if needing and not recipe["export"]["enabled"]:
+        raise RecipeError(
+            f"{source}: checks {needing} need export.enabled: true (they measure the ONNX file)"
+        )
+
+
+def _latency_ratio(receipt: dict) -> float:
+    lat = receipt["latency"]
+    mode = next(k for k in lat if k.startswith("onnxruntime_") and k != "onnxruntime_dense")
+    return lat[mode]["batch64"]["p50_ms"] / lat["onnxruntime_dense"]["batch64"]["p50_ms"]
+
+
+def _measured(name: str, report: dict, receipt: dict | None):
+    metrics = report["metrics"]
+    if name == "min_sparsity":
+        return report["sparsity"]["global"]
+    if name == "max_accuracy_drop":
+        dense, tuned = metrics["dense"]["accuracy"], metrics["finetuned"]["accuracy"]
+        return None if dense is None else 100.0 * (dense - tuned)
+    if name == "max_loss_increase":
+        return metrics["finetuned"]["loss"] - metrics["dense"]["loss"]
+    if receipt is None:
+        return None
+    if name == "max_export_bytes":
+        return receipt["bytes"]["file"]
+    if name == "max_export_ratio":
+        return receipt["bytes"]["ratio"]
+    if name == "export_parity":
+        v = receipt["verification"]
+        return v["max_abs_diff"] <= v["tolerance"]
+    return _latency_ratio(receipt)
+
+
+def evaluate_checks(checks: dict, report: dict, receipt: dict | None = None) -> list[dict]:
+    """Each configured gate as {check, limit, value, passed}; unset gates are skipped.
+
+    min_sparsity passes when value >= limit; export_parity when the parity check held (if
+    required); every max_* gate when value <= limit. A value that cannot be measured fails.
+    """
+    rows = []
+    for name, limit in checks.items():
+        if limit is None or (name == "export_parity" and limit is False):
+            continue
+        value = _measured(name, report, receipt)
+        if value is None:
+            passed = False
+        elif name == "min_sparsity":
+            passed = value >= limit - 1e-12
+        elif name == "export_parity":
+            passed = bool(value)
+        else:
+            passed = value <= limit
+        rows.append({"check": name, "limit": limit, "value": value, "passed": passed})
+    return rows

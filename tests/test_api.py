@@ -155,12 +155,6 @@ def test_score_unknown_criterion_is_a_setting_error(model):
         prunekit.score(model, "digits", criterion="nope", examples=50)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: criteria/scores.py make_criterion (line ~211) calls CRITERIA[name](**settings) "
-    "unguarded: an unknown criterion setting raises TypeError, not SettingError naming the "
-    "criterion's fields",
-)
 def test_score_unknown_criterion_setting_names_the_valid_ones(model):
     with pytest.raises(SettingError) as info:
         prunekit.score(model, "digits", criterion="obd", bogus=1, examples=50)

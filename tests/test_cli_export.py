@@ -291,11 +291,6 @@ def test_verification_failure_exits_1_and_leaves_no_file(pruned_run, tmp_path, c
     assert list(tmp_path.iterdir()) == []  # no file, no receipt, no temporary file
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prunekit/cli.py export_cmd checks only --out for an existing file; the receipt "
-    "export.json beside it (e.g. a prune run's) is replaced without --overwrite",
-)
 def test_export_json_beside_out_is_not_silently_replaced(pruned_run, tmp_path, cli):
     """The receipt is an output file too: an existing export.json needs --overwrite."""
     ckpt = pruned_run["out"] / "model.safetensors"
@@ -305,11 +300,6 @@ def test_export_json_beside_out_is_not_silently_replaced(pruned_run, tmp_path, c
     assert (tmp_path / "export.json").read_text() == '{"keep": true}'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prunekit/cli.py export_cmd never calls check_data_fits, so data that does not "
-    "fit surfaces as 'no ONNX exporter could handle Sequential: ... mat1 and mat2 shapes'",
-)
 def test_export_data_that_does_not_fit_names_the_data(pruned_run, tmp_path, cli):
     ckpt = pruned_run["out"] / "model.safetensors"
     code, _, stderr = cli("export", ckpt, "--out", tmp_path / "m.onnx", "--data", "synthetic")
@@ -321,11 +311,6 @@ def test_export_data_that_does_not_fit_names_the_data(pruned_run, tmp_path, cli)
 # ------------------------------------------------------------------ prune --export bad input
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prunekit/cli.py prune checks the --export path only after the whole run: the "
-    "run directory is written, then export_onnx raises RunDirError (exit 2)",
-)
 def test_prune_export_into_missing_directory_writes_nothing(tmp_path, digits_model_file, cli):
     out = tmp_path / "run"
     code, stdout, stderr = cli(
@@ -337,11 +322,6 @@ def test_prune_export_into_missing_directory_writes_nothing(tmp_path, digits_mod
     assert not out.exists()  # refused before any work: no run directory either
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prunekit/cli.py prune calls export_model(..., overwrite=True): an existing "
-    "--export file is replaced without --overwrite",
-)
 def test_prune_export_existing_file_needs_overwrite(tmp_path, digits_model_file, cli):
     target = tmp_path / "m.onnx"
     target.write_bytes(b"keep me")
@@ -353,12 +333,6 @@ def test_prune_export_existing_file_needs_overwrite(tmp_path, digits_model_file,
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: export/exporters.py export_proto logs each failed exporter at WARNING (the CLI's "
-    "logging.basicConfig prints it on stderr), torch's own exporter loggers print tracebacks, "
-    "and the ModelError message keeps torch's ANSI colour codes; a user sees ~47 lines",
-)
 def test_unsupported_op_leaks_no_warnings_or_colour_codes(
     tmp_path, cli, capfd, caplog, monkeypatch
 ):

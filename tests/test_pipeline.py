@@ -169,12 +169,6 @@ def test_compensation_records_losses_and_moves_surviving_weights(compensation_ru
     assert moved > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prunekit/pipeline.py build_report copies a fixed key list into report['steps'], "
-    "dropping loss_before/after_compensation, though --compensate's help says report.json "
-    "gives the loss before and after",
-)
 def test_compensation_losses_reach_report_json(compensation_runs):
     for row in compensation_runs[True].report["steps"]:
         assert "loss_before_compensation" in row and "loss_after_compensation" in row

@@ -97,6 +97,7 @@ def test_check_run_dir_accepts_a_new_or_empty_directory_without_creating_it(tmp_
 
 @pytest.mark.parametrize("earlier", RUN_FILES)
 def test_check_run_dir_refuses_an_earlier_run_without_overwrite(tmp_path, earlier):
+    (tmp_path / earlier).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / earlier).write_text("{}")
     with pytest.raises(RunDirError, match="--overwrite") as info:
         check_run_dir(tmp_path, overwrite=False)
