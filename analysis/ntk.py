@@ -400,7 +400,7 @@ def effective_rank(kernel: Tensor) -> float:
     """
     size = int(math.isqrt(kernel.numel()))
     matrix = kernel.reshape(size, size)
-    if not matrix.is_floating_point() or matrix.dtype not in (torch.float32, torch.float64):
+    if matrix.dtype not in (torch.float32, torch.float64):
         matrix = matrix.double()
     eig = torch.linalg.eigvalsh(matrix).double().clamp_min(0.0)
     total = float(eig.sum())

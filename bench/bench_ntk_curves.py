@@ -9,7 +9,7 @@ both runs in this process, same seed (so the same masks: checked). Writes the tw
 directories under ``--out`` and the curves (train/val alignment vs pruning step, fine-tuning
 progress within a step as fractions, sparsity on a second axis) to docs/ntk_curves.png.
 
-    .venv/bin/python bench/bench_ntk_curves.py [--out /tmp/ntk_curves] [--plot docs/ntk_curves.png]
+    .venv/bin/python bench/bench_ntk_curves.py [--out DIR] [--plot PNG] [--threads T]
 
 If prunekit/pipeline.py still calls ntk_alignment without ``capture`` (the per-example
 jacrev path: seconds per call), this script patches the pipeline's reference with
@@ -135,7 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/ntk_curves"))
     parser.add_argument("--plot", type=Path, default=Path("docs/ntk_curves.png"))
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
+    if args.threads:  # 1 keeps timings stable when the cores are shared with other work
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path_note = _wire_factored_path()
     log.info("training mlp-mnist ...")
