@@ -430,13 +430,12 @@ def run(
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:
     """Run a compression recipe; exit 0 when every check passes, 1 when one fails."""
-    from prunekit.pipeline import run_recipe
-    from prunekit.prune.state import check_run_dir
-    from prunekit.recipe import load_recipe
+    from prunekit.pipeline import load_checked_recipe, run_recipe
+    from prunekit.prune.state import check_run_dir, load_step_state
 
-    spec = load_recipe(recipe, set_)
+    spec = load_checked_recipe(recipe, set_)
     out = out or Path("runs") / recipe.stem
-    if not resume:
+    if not resume or load_step_state(out) is None:  # nothing to resume: a fresh run
         check_run_dir(out, overwrite, inputs=(recipe,))
     _sigterm_as_interrupt()
     with BarProgress(enabled=not quiet) as bars:
@@ -452,11 +451,10 @@ def validate(
     recipes: list[Path] = typer.Argument(..., help="Recipe YAML files."),
 ) -> None:
     """Check recipes against the schema and resolve their targets (no data, no compute)."""
-    from prunekit.pipeline import validate_recipe
-    from prunekit.recipe import load_recipe
+    from prunekit.pipeline import load_checked_recipe, validate_recipe
 
     for path in recipes:
-        checked = validate_recipe(load_recipe(path))
+        checked = validate_recipe(load_checked_recipe(path))
         targets = checked["targets"]
         what = (
             f"{len(targets)} targets, {sum(targets.values()):,} weights"
@@ -472,10 +470,9 @@ def explain(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: section.key=value."),
 ) -> None:
     """Print a recipe's step timeline and estimated passes, without training or scoring."""
-    from prunekit.pipeline import explain_recipe
-    from prunekit.recipe import load_recipe
+    from prunekit.pipeline import explain_recipe, load_checked_recipe
 
-    plan = explain_recipe(load_recipe(recipe, set_))
+    plan = explain_recipe(load_checked_recipe(recipe, set_))
     table = Table(title=f"timeline of {recipe}")
     cols = (
         "step",

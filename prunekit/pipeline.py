@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from prunekit.analysis import log_spaced_iterations
 from prunekit.analysis import ntk_alignment as _ntk_alignment
 from prunekit.criteria import CRITERIA, make_criterion
 from prunekit.criteria.capture import capture as _capture
@@ -171,6 +172,7 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
         raise SettingError("score_examples and batch_size must be >= 1")
     settings.finetune_settings(settings.finetune_epochs)
     settings.finetune_settings(settings.final_epochs)
+    log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
     targets = find_targets(model, settings.include, settings.exclude)
     check_data_fits(model, data)
     return crit, sparsities, targets
@@ -753,6 +755,33 @@ def export_onnx(model: nn.Module, path, example_input, storage: str = "packed", 
     return _export_onnx(model, path, example_input, storage=storage, **kwargs)
 
 
+def recipe_choices() -> dict:
+    """Registry name -> valid names, for recipe validation (the CLI's choices too)."""
+    from prunekit.criteria.curvature import ESTIMATORS
+    from prunekit.criteria.fisher import LABELS
+    from prunekit.export import QUANTIZE_MODES, STORAGE_MODES
+    from prunekit.finetune import OPTIMIZERS
+    from prunekit.prune.schedules import SCHEDULES
+
+    return {
+        "criterion": CRITERIA,
+        "fisher": ESTIMATORS,
+        "labels": LABELS,
+        "scope": SCOPES,
+        "schedule": SCHEDULES,
+        "optimizer": OPTIMIZERS,
+        "storage": STORAGE_MODES,
+        "quantize": QUANTIZE_MODES,
+    }
+
+
+def load_checked_recipe(path, overrides=()) -> dict:
+    """Load a recipe (schema, types, ranges and registry names, with line numbers)."""
+    from prunekit.recipe import load_recipe
+
+    return load_recipe(path, list(overrides), choices=recipe_choices())
+
+
 def settings_from_recipe(recipe: dict) -> PruneSettings:
     """PruneSettings of a resolved recipe (see prunekit.recipe.SCHEMA)."""
     crit, sched, ft, an = (recipe[k] for k in ("criterion", "schedule", "finetune", "analysis"))
@@ -817,6 +846,7 @@ def run_recipe(recipe: dict, out, resume: bool = False, progress: Progress | Non
     from prunekit.recipe import evaluate_checks, recipe_hash
 
     out = Path(out)
+    validate_recipe(recipe)  # every setting before any training or data loading
     settings = settings_from_recipe(recipe)
     data = load_data(recipe["data"], seed=recipe["seed"])
     has_state = resume and load_step_state(out) is not None
@@ -883,6 +913,8 @@ def validate_recipe(recipe: dict) -> dict:
     if settings.scope not in SCOPES:
         raise choice_error("scope", settings.scope, SCOPES)
     settings.finetune_settings(settings.finetune_epochs)
+    settings.finetune_settings(settings.final_epochs)
+    log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
     if recipe["export"]["enabled"]:
         from prunekit.export import check_modes
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,29 +19,56 @@ import yaml
 from prunekit.errors import PrunekitError
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader reading YAML 1.2 floats: 1e-3 is a number, not the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 class RecipeError(PrunekitError):
     """The recipe file or an override is invalid (exit 2)."""
 
 
 @dataclass(frozen=True)
 class Field:
-    """One recipe key: accepted Python types, default, and a one-line description."""
+    """One recipe key: accepted Python types, default, one-line description, and the range
+    numbers must fall in: low <= value (value > low when low_open), value <= high (value < high
+    when high_open); None = unbounded. ``choices`` names a registry (see ``load_recipe``)."""
 
     types: tuple[type, ...]
     default: object
     help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: str | None = None
 
 
-def _f(types, default, help_text):
-    return Field(types if isinstance(types, tuple) else (types,), default, help_text)
+def _f(types, default, help_text, **limits):
+    return Field(types if isinstance(types, tuple) else (types,), default, help_text, **limits)
 
 
 NUM = (int, float)
 OPT_STR = (str, type(None))
 SCHEMA: dict[str, dict[str, Field] | Field] = {
-    "version": _f(int, 1, "recipe format version (1)"),
+    "version": _f(int, 1, "recipe format version (1)", low=1, high=1),
     "name": _f(OPT_STR, None, "a name for reports"),
-    "seed": _f(int, 0, "seed of every random choice"),
+    "seed": _f(int, 0, "seed of every random choice", low=0),
     "data": _f(str, "digits", "data spec: digits, mnist5k, synthetic, FILE.npz, module:function"),
     "model": {
         "example": _f(OPT_STR, None, "train this zoo example first (e.g. mlp-digits)"),
@@ -52,29 +80,29 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "exclude": _f(list, [], "glob patterns of parameter names never pruned"),
     },
     "criterion": {
-        "name": _f(str, "obd", "magnitude, lm, qm, obd, obs"),
-        "fisher": _f(OPT_STR, None, "ekfac, kfac, diag (default: the criterion's)"),
-        "labels": _f(OPT_STR, None, "exact, sampled, empirical"),
-        "samples": _f(int, 1, "labels drawn per example for sampled"),
-        "lambda": _f(NUM, 0.0, "locality penalty"),
-        "scope": _f(str, "global", "global or layer"),
-        "score_examples": _f(int, 1000, "training examples used to score"),
-        "refit_basis_every": _f(int, 0, "EKFAC eigenbasis refit period (0 = keep)"),
+        "name": _f(str, "obd", "the scoring criterion", choices="criterion"),
+        "fisher": _f(OPT_STR, None, "curvature estimator", choices="fisher"),
+        "labels": _f(OPT_STR, None, "Fisher labels", choices="labels"),
+        "samples": _f(int, 1, "labels drawn per example for sampled", low=1),
+        "lambda": _f(NUM, 0.0, "locality penalty", low=0),
+        "scope": _f(str, "global", "ranking scope", choices="scope"),
+        "score_examples": _f(int, 1000, "training examples used to score", low=1),
+        "refit_basis_every": _f(int, 0, "EKFAC eigenbasis refit period (0 = keep)", low=0),
         "compensate": _f(bool, False, "OBS update of surviving weights"),
     },
     "schedule": {
-        "final": _f(NUM, 0.9, "final sparsity of target weights, in [0, 1)"),
-        "steps": _f(int, 10, "pruning steps"),
-        "kind": _f(str, "exp", "exp, linear, cubic"),
+        "final": _f(NUM, 0.9, "final sparsity of target weights", low=0, high=1, high_open=True),
+        "steps": _f(int, 10, "pruning steps", low=1),
+        "kind": _f(str, "exp", "sparsity schedule", choices="schedule"),
     },
     "finetune": {
-        "optimizer": _f(str, "sgd", "sgd or adamw"),
-        "lr": _f(NUM, 0.01, "learning rate"),
-        "momentum": _f(NUM, 0.9, "SGD momentum"),
-        "weight_decay": _f(NUM, 5e-4, "weight decay"),
-        "batch_size": _f(int, 100, "batch size"),
-        "epochs_per_step": _f(NUM, 1.0, "fine-tuning epochs after each step"),
-        "final_epochs": _f(NUM, 2.0, "epochs of the final fine-tune"),
+        "optimizer": _f(str, "sgd", "fine-tuning optimizer", choices="optimizer"),
+        "lr": _f(NUM, 0.01, "learning rate", low=0, low_open=True),
+        "momentum": _f(NUM, 0.9, "SGD momentum", low=0, high=1, high_open=True),
+        "weight_decay": _f(NUM, 5e-4, "weight decay", low=0),
+        "batch_size": _f(int, 100, "batch size", low=1),
+        "epochs_per_step": _f(NUM, 1.0, "fine-tuning epochs after each step", low=0),
+        "final_epochs": _f(NUM, 2.0, "epochs of the final fine-tune", low=0),
     },
     "analysis": {
         "ntk": _f((bool, type(None)), None, "log NTK alignment (null = when cheap)"),
@@ -82,17 +110,23 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
     },
     "export": {
         "enabled": _f(bool, False, "export model.onnx into the run directory"),
-        "storage": _f(str, "packed", "dense, sparse, packed"),
-        "quantize": _f(OPT_STR, None, "null or int8"),
+        "storage": _f(str, "packed", "ONNX storage mode", choices="storage"),
+        "quantize": _f(OPT_STR, None, "null or a quantization", choices="quantize"),
     },
     "checks": {
-        "min_sparsity": _f((*NUM, type(None)), None, "minimum global sparsity over targets"),
+        "min_sparsity": _f(
+            (*NUM, type(None)), None, "minimum global sparsity over targets", low=0, high=1
+        ),
         "max_accuracy_drop": _f((*NUM, type(None)), None, "max accuracy drop vs dense, points"),
         "max_loss_increase": _f((*NUM, type(None)), None, "max validation loss increase"),
-        "max_export_bytes": _f((int, type(None)), None, "max ONNX file size, bytes"),
-        "max_export_ratio": _f((*NUM, type(None)), None, "max ONNX bytes / dense fp32 bytes"),
+        "max_export_bytes": _f((int, type(None)), None, "max ONNX file size, bytes", low=1),
+        "max_export_ratio": _f(
+            (*NUM, type(None)), None, "max ONNX bytes / dense fp32 bytes", low=0, low_open=True
+        ),
         "export_parity": _f((bool, type(None)), None, "the export's parity check must pass"),
-        "max_latency_ratio": _f((*NUM, type(None)), None, "max ORT latency vs dense ORT"),
+        "max_latency_ratio": _f(
+            (*NUM, type(None)), None, "max ORT latency vs dense ORT", low=0, low_open=True
+        ),
     },
 }
 
@@ -119,6 +153,43 @@ def _check_type(path: str, value, spec: Field, where: str) -> None:
         )
     if isinstance(value, list) and not all(isinstance(v, str) for v in value):
         raise RecipeError(f"{where}: {path} must be a list of strings (glob patterns)")
+    _check_range(path, value, spec, where)
+
+
+def _check_range(path: str, value, spec: Field, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    too_low = spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low)
+    too_high = spec.high is not None and (
+        value >= spec.high if spec.high_open else value > spec.high
+    )
+    if too_low or too_high:
+        if spec.low is not None and spec.high is not None:
+            bounds = (
+                f"in {'(' if spec.low_open else '['}{spec.low:g}, {spec.high:g}"
+                f"{')' if spec.high_open else ']'}"
+            )
+        elif spec.low is not None:
+            bounds = f"{'>' if spec.low_open else '>='} {spec.low:g}"
+        else:
+            bounds = f"{'<' if spec.high_open else '<='} {spec.high:g}"
+        raise RecipeError(f"{where}: {path} = {value!r} is impossible; it must be {bounds}")
+
+
+def _check_choices(recipe: dict, lines: dict, choices: dict, source: str) -> None:
+    """Names that must come from a registry (criterion, fisher, schedule, ...)."""
+    for section, fields in SCHEMA.items():
+        if not isinstance(fields, dict):
+            continue
+        for key, spec in fields.items():
+            value = recipe[section][key]
+            valid = choices.get(spec.choices) if spec.choices else None
+            if valid is not None and value is not None and value not in valid:
+                where = f"{source}:{lines.get(f'{section}.{key}', '?')}"
+                raise RecipeError(
+                    f"{where}: {section}.{key} = {value!r} is not valid; valid: "
+                    f"{', '.join(sorted(valid))}"
+                )
 
 
 def _lines(node, prefix: str = "") -> dict[str, int]:
@@ -161,19 +232,21 @@ def _validate_tree(tree: dict, lines: dict[str, int], source: str) -> dict:
     return resolved
 
 
-def load_recipe(path: Path | str, overrides: list[str] = ()) -> dict:
+def load_recipe(path: Path | str, overrides: list[str] = (), choices: dict | None = None) -> dict:
     """Read, apply ``--set key.sub=value`` overrides, and validate a recipe file.
 
     Returns the fully resolved recipe (every key present, defaults filled in), with
-    ``model.checkpoint`` made absolute relative to the recipe's folder.
+    ``model.checkpoint`` made absolute relative to the recipe's folder. choices: registry
+    name -> valid names (criterion, fisher, labels, scope, schedule, optimizer, storage,
+    quantize), checked with the key's line; the pipeline passes its registries.
     """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist")
     text = path.read_text()
     try:
-        node = yaml.compose(text)
-        tree = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        tree = _load_yaml(text)
     except yaml.YAMLError as exc:
         msg = " ".join(str(exc).split())
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {msg}") from exc
@@ -185,6 +258,8 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> dict:
     for item in overrides:
         _apply_override(tree, item)
     recipe = _validate_tree(tree, lines, str(path))
+    if choices:
+        _check_choices(recipe, lines, choices, str(path))
     checkpoint = recipe["model"]["checkpoint"]
     if checkpoint and not Path(checkpoint).is_absolute():
         recipe["model"]["checkpoint"] = str((path.parent / checkpoint).resolve())
@@ -199,7 +274,7 @@ def _apply_override(tree: dict, item: str) -> None:
     if not eq or not all(parts):
         raise RecipeError(f"--set {item!r} must look like section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     spec = SCHEMA.get(parts[0])
@@ -262,8 +337,8 @@ def check_export_needed(recipe: dict, source: str = "recipe") -> None:
 
 def _latency_ratio(receipt: dict) -> float:
     lat = receipt["latency"]
-    mode = next(k for k in lat if k.startswith("onnxruntime_") and k != "onnxruntime_dense")
-    return lat[mode]["batch64"]["p50_ms"] / lat["onnxruntime_dense"]["batch64"]["p50_ms"]
+    mode = lat.get(f"onnxruntime_{receipt['storage']}", lat["onnxruntime_dense"])
+    return mode["batch64"]["p50_ms"] / lat["onnxruntime_dense"]["batch64"]["p50_ms"]
 
 
 def _measured(name: str, report: dict, receipt: dict | None):
@@ -300,8 +375,9 @@ def evaluate_checks(checks: dict, report: dict, receipt: dict | None = None) -> 
         value = _measured(name, report, receipt)
         if value is None:
             passed = False
-        elif name == "min_sparsity":
-            passed = value >= limit - 1e-12
+        elif name == "min_sparsity":  # exact to one weight, as the pruner rounds
+            params = report["params"]
+            passed = params["zeros"] >= round(limit * params["prunable"])
         elif name == "export_parity":
             passed = bool(value)
         else:

@@ -205,7 +205,7 @@ IMPOSSIBLE = {
     # name: (section, key, value, substrings)
     "final 1.0": ("schedule", "final", 1.0, ["1.0", "[0, 1)"]),
     "final -0.1": ("schedule", "final", -0.1, ["-0.1", "[0, 1)"]),
-    "steps 0": ("schedule", "steps", 0, ["steps 0", ">= 1"]),
+    "steps 0": ("schedule", "steps", 0, ["steps = 0", ">= 1"]),
     "criterion foo": ("criterion", "name", "foo", ["'foo'", "lm, magnitude, obd, obs, qm"]),
     "scope diagonal": ("criterion", "scope", "diagonal", ["'diagonal'", "global, layer"]),
     "schedule quad": ("schedule", "kind", "quad", ["'quad'", "cubic, exp, linear"]),
@@ -233,18 +233,12 @@ def test_impossible_value_is_rejected_by_validate_naming_it(tmp_path, base, name
         assert part in str(info.value), (part, str(info.value))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: impossible values pass load_recipe and are caught later by validate_recipe/"
-    "run_pruning as SettingError without the recipe key or line (issue 6: 'wrong types and "
-    "impossible values likewise'); fix: range/choice checks in recipe._validate_tree",
-)
 @pytest.mark.parametrize("name", ["final 1.0", "steps 0", "criterion foo", "scope diagonal"])
 def test_impossible_value_is_a_recipe_error_with_key_and_line(tmp_path, base, name):
     path, _ = impossible_case(tmp_path, base, name)
     section, key, _, _ = IMPOSSIBLE[name]
     with pytest.raises(RecipeError) as info:
-        load_recipe(path)
+        pipeline_mod.load_checked_recipe(path)  # registry names come from the pipeline
     line = line_of(path.read_text(), f"  {key}:")
     assert f"{section}.{key}" in str(info.value) and f"recipe.yaml:{line}:" in str(info.value)
 
@@ -277,13 +271,6 @@ def test_cli_impossible_value_exit_2_one_line(cli, tmp_path, monkeypatch, base, 
     cli_bad_recipe(cli, tmp_path, monkeypatch, command, path, wanted)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `prunekit run` trains model.example (and loads data) before any setting is "
-    "validated, so a bad value costs the whole training first; fix: call "
-    "pipeline.validate_recipe(spec) in cli.run (or at the top of run_recipe) before "
-    "recipe_model",
-)
 def test_run_validates_before_training_the_example(cli, tmp_path, monkeypatch, base):
     calls = []
 
@@ -325,25 +312,12 @@ def test_run_rejects_values_that_cannot_run(cli, tmp_path, base, name):
     assert not (tmp_path / "o" / "report.json").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: validate_recipe (prunekit validate) says ok for values run_pruning rejects: "
-    "final_epochs < 0, batch_size/score_examples/samples < 1, bad ntk_every (pipeline.py "
-    "validate_recipe checks only finetune_settings(finetune_epochs)); fix: share pipeline."
-    "validate's checks (final_epochs, batch_size, score_examples, check_labels, ntk_every)",
-)
 @pytest.mark.parametrize("name", RUN_ONLY)
 def test_validate_rejects_what_run_rejects(tmp_path, base, name):
     with pytest.raises(PrunekitError):
         validate_recipe(load_recipe(_run_only_recipe(tmp_path, base, name)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: seed: -1 passes the schema and validate, then `prunekit run` dies with a "
-    "numpy ValueError traceback (exit 1) in load_data; fix: require seed >= 0 in the recipe "
-    "schema (RecipeError naming seed)",
-)
 def test_negative_seed_is_a_user_error(cli, tmp_path, base):
     base["seed"] = -1
     path = write(tmp_path / "r.yaml", base)
@@ -351,24 +325,12 @@ def test_negative_seed_is_a_user_error(cli, tmp_path, base):
     assert code == 2 and "seed" in stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: version: 2 is accepted though the schema knows only format version 1; fix: "
-    "RecipeError 'version 2 unsupported; known: 1' in load_recipe",
-)
 def test_unknown_recipe_version_is_rejected(tmp_path, base):
     base["version"] = 2
     with pytest.raises(RecipeError, match="version"):
         load_recipe(write(tmp_path / "r.yaml", base))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PyYAML reads 1e-3 / 5e-4 (no dot) as strings (YAML 1.1), so `lr: 1e-3` or "
-    "`--set finetune.lr=1e-3` is a RecipeError 'must be integer or number' (the schema's own "
-    "weight_decay default is 5e-4); fix: a SafeLoader subclass with the YAML 1.2 float "
-    "resolver (used for files and --set values)",
-)
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path, base):
     text = dump(base).replace("lr: 0.05", "lr: 1e-3")
     assert "lr: 1e-3" in text
@@ -570,6 +532,7 @@ def test_cli_validate_and_explain_print_the_plan(cli, tmp_path, base):
 
 REPORT = {
     "sparsity": {"global": 0.9},
+    "params": {"prunable": 1000, "zeros": 900},
     "metrics": {
         "dense": {"loss": 0.20, "accuracy": 0.95},
         "pruned": {"loss": 0.90, "accuracy": 0.60},
@@ -658,25 +621,11 @@ def test_evaluate_checks_export_gates(check, limit, rec, value, passed):
     assert row["value"] == pytest.approx(value) and row["passed"] is passed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with export.storage: dense the receipt's latency has no onnxruntime_<mode> "
-    "besides onnxruntime_dense, so recipe._latency_ratio's next() raises StopIteration (a "
-    "traceback from `prunekit run`); fix: use lat[f\"onnxruntime_{receipt['storage']}\"] "
-    "(ratio 1.0 for dense)",
-)
 def test_latency_gate_with_dense_storage():
     row = one({"max_latency_ratio": 1.2}, rec=receipt(storage="dense"))
     assert row["value"] == pytest.approx(1.0) and row["passed"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: min_sparsity compares the achieved fraction round(s*N)/N with a 1e-12 "
-    "tolerance, so a run at final 0.9 fails min_sparsity 0.9 whenever 0.9*N rounds down "
-    "(N=2368: 2131/2368 = 0.89992); fix in recipe.evaluate_checks: pass when zeros >= "
-    "round(limit * prunable), i.e. value >= limit - 0.5/prunable",
-)
 def test_min_sparsity_equal_to_final_passes_whatever_the_rounding():
     n = 2368
     report = copy.deepcopy(REPORT)
