@@ -139,11 +139,14 @@ def log_spaced_iterations(total: int, every: int | float | str | None = None) ->
     - None or a float M > 1 (or the string 'xM'): log-spaced, 0 and int(5 * M^k) for
       k = 0, 1, ... (M = 1.15 is the paper's schedule: 0, 5, 6, 7, 8, 10, 11, 13, ...);
     - an int N >= 1 (or the string 'N'): fixed stride, 0, N, 2N, ...
+    - 'none': only 0 (no logging inside fine-tuning).
     Returns a sorted list without duplicates; [0] when total = 0.
     """
     total = int(total)
     if total < 0:
         raise SettingError(f"total iterations {total} must be >= 0")
+    if every == "none":
+        return [0]
     kind, value = _parse_every(every)
     if kind == "stride":
         return list(range(0, total + 1, int(value)))

@@ -213,6 +213,12 @@ def prune(
         help="EKFAC: refit the eigenbasis every N steps (0 = keep the first basis, refit "
         "only the scaling, with pruned weights contributing nothing).",
     ),
+    masked_scaling: bool = typer.Option(
+        False,
+        help="EKFAC: refit the scaling from masked per-example gradients, so pruned weights "
+        "contribute nothing (exact; ~100x slower on wide layers). Off: the surviving "
+        "weights' diagonal estimates the same F_qq.",
+    ),
     compensate: bool = typer.Option(
         False,
         help="OBS update of the surviving weights of each layer within every step "
@@ -226,9 +232,9 @@ def prune(
         "weights).",
     ),
     ntk_every: str = typer.Option(
-        "x2",
-        help="Fine-tuning iterations to log NTK at: xM = log-spaced by factor M, N = "
-        "every N iterations.",
+        "none",
+        help="NTK logging inside fine-tuning: none (only at step boundaries), xM (log-spaced "
+        "iterations 5*M^k; x1.15 is the paper's schedule) or N (every N iterations).",
     ),
     export: Path = typer.Option(
         None, help="Also export the pruned model to this ONNX file (packed storage, verified)."
@@ -277,6 +283,7 @@ def prune(
         seed=seed,
         device=device,
         refit_basis_every=refit_basis_every,
+        masked_scaling=masked_scaling,
         compensate=compensate,
         ntk=ntk,
         ntk_every=ntk_every,

@@ -88,6 +88,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "scope": _f(str, "global", "ranking scope", choices="scope"),
         "score_examples": _f(int, 1000, "training examples used to score", low=1),
         "refit_basis_every": _f(int, 0, "EKFAC eigenbasis refit period (0 = keep)", low=0),
+        "masked_scaling": _f(bool, False, "EKFAC scaling from masked gradients (slow)"),
         "compensate": _f(bool, False, "OBS update of surviving weights"),
     },
     "schedule": {
@@ -106,7 +107,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
     },
     "analysis": {
         "ntk": _f((bool, type(None)), None, "log NTK alignment (null = when cheap)"),
-        "ntk_every": _f(str, "x2", "fine-tuning iterations to log at"),
+        "ntk_every": _f(str, "none", "fine-tuning iterations to log at (none, xM, N)"),
     },
     "export": {
         "enabled": _f(bool, False, "export model.onnx into the run directory"),
