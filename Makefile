@@ -1,5 +1,7 @@
 # Two commands are all the set-up anyone needs: `make demo` and `make test`.
 PY ?= python3
+# Idle OpenMP threads sleep instead of spinning (a busy 2-core box otherwise slows 50x).
+export OMP_WAIT_POLICY ?= PASSIVE
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -219,6 +219,12 @@ def prune(
         "contribute nothing (exact; ~100x slower on wide layers). Off: the surviving "
         "weights' diagonal estimates the same F_qq.",
     ),
+    recalibrate_bn: bool = typer.Option(
+        None,
+        "--recalibrate-bn/--no-recalibrate-bn",
+        help="Re-estimate BatchNorm running statistics (per time step for BN-LSTM) on training "
+        "batches after each pruning step (default: on when the model has BatchNorm).",
+    ),
     compensate: bool = typer.Option(
         False,
         help="OBS update of the surviving weights of each layer within every step "
@@ -284,6 +290,7 @@ def prune(
         device=device,
         refit_basis_every=refit_basis_every,
         masked_scaling=masked_scaling,
+        recalibrate_bn=recalibrate_bn,
         compensate=compensate,
         ntk=ntk,
         ntk_every=ntk_every,

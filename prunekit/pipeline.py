@@ -22,6 +22,7 @@ from prunekit.criteria.fisher import check_labels
 from prunekit.data import DataBundle, check_data_fits
 from prunekit.errors import SettingError, choice_error
 from prunekit.finetune import FinetuneSettings, evaluate, finetune
+from prunekit.finetune.bn import has_batchnorm
 from prunekit.prune.masks import SCOPES, apply_masks, full_masks, next_masks, sparsity_of
 from prunekit.prune.schedules import schedule
 from prunekit.prune.targets import find_targets
@@ -43,6 +44,8 @@ STEP_KEYS = (
     "ntk_alignment",
     "loss_before_compensation",
     "loss_after_compensation",
+    "loss_before_recalibration",
+    "loss_after_recalibration",
 )
 NTK_MAX_OUTPUTS = 10
 NTK_MAX_WEIGHTS = 500_000
@@ -69,7 +72,9 @@ class PruneSettings:
     weights contribute nothing; exact, but its cost grows with out*in*(out+in) per example,
     ~100x the unmasked refit on a 784x300 layer). Off by default: the diagonal entries of
     surviving weights estimate the same F_qq either way, since the diagonal of a principal
-    submatrix is the diagonal itself.
+    submatrix is the diagonal itself; recalibrate_bn: re-estimate BatchNorm running
+    statistics (per time step for BN-LSTM) on training batches right after each pruning
+    step (None = on when the model has BatchNorm).
     """
 
     criterion: str = "obd"
@@ -96,6 +101,7 @@ class PruneSettings:
     refit_basis_every: int = 0
     masked_scaling: bool = False
     compensate: bool = False
+    recalibrate_bn: bool | None = None
     ntk: bool | None = None
     ntk_every: str = "none"
     probe_train: int = 100
@@ -263,6 +269,7 @@ class _Run:
     rows: list[dict] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
     estimators: dict[str, str] = field(default_factory=dict)
+    use_recalibration: bool = False
     dense: dict | None = None
     pruned: dict | None = None
 
@@ -287,6 +294,18 @@ class _Run:
             "loss_before_compensation": before["loss"],
             "loss_after_compensation": after["loss"],
         }
+
+    def recalibrate(self, loss_before: float | None) -> dict:
+        """Re-estimate BatchNorm statistics on training batches; returns the loss change."""
+        if not self.use_recalibration:
+            return {}
+        from prunekit.finetune.bn import recalibrate_bn
+
+        before = loss_before if loss_before is not None else self.pruned["loss"]
+        batches = self.data.train_batches(self.settings.batch_size, self.gen)
+        recalibrate_bn(self.model, batches, forward=self.task.forward, max_batches=20)
+        after = _eval(self.model, self.task, self.data)
+        return {"loss_before_recalibration": before, "loss_after_recalibration": after["loss"]}
 
     def finetune(self, epochs: float, label: str, step: int, sparsity: float) -> None:
         """One mask-respecting fine-tuning phase, logging NTK at log-spaced iterations."""
@@ -349,6 +368,9 @@ def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, lis
         progress,
     )
     outputs = data.num_classes if data.kind == "classification" else data.y_train[0].numel()
+    run.use_recalibration = (
+        has_batchnorm(model) if settings.recalibrate_bn is None else settings.recalibrate_bn
+    )
     scripted = isinstance(model, torch.jit.ScriptModule)
     if settings.ntk and scripted:
         raise SettingError(
@@ -476,6 +498,7 @@ def _prune_step(run: _Run, crit, score_batches, k: int, target: float, n_steps: 
     apply_masks(model, run.masks)
     run.pruned = _eval(model, task, run.data)
     compensation = run.compensate(deltas, run.pruned) if deltas is not None else {}
+    compensation.update(run.recalibrate(compensation.get("loss_after_compensation")))
     _ntk_now(run, k, "prune", target)
     run.finetune(settings.finetune_epochs, f"fine-tune step {k}", k, target)
     run.record(k, run.pruned, time.perf_counter() - t0, _ntk_now(run, k, "finetune", target))
@@ -533,6 +556,7 @@ def run_pruning(
         time.perf_counter() - start,
     )
     report["ntk"] = {"enabled": run.ntk is not None, "final_alignment": final_ntk}
+    report["bn_recalibration"] = run.use_recalibration
     ntk_records = run.ntk.records if run.ntk is not None else []
     probe = run.ntk.probe if run.ntk is not None else None
     return PruneResult(model, run.masks, report, run.rows, ntk_records, probe)
@@ -816,6 +840,7 @@ def settings_from_recipe(recipe: dict) -> PruneSettings:
         refit_basis_every=crit["refit_basis_every"],
         masked_scaling=crit["masked_scaling"],
         compensate=crit["compensate"],
+        recalibrate_bn=recipe["finetune"]["recalibrate_bn"],
         ntk=an["ntk"],
         ntk_every=an["ntk_every"],
     )

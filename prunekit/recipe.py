@@ -104,6 +104,9 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "batch_size": _f(int, 100, "batch size", low=1),
         "epochs_per_step": _f(NUM, 1.0, "fine-tuning epochs after each step", low=0),
         "final_epochs": _f(NUM, 2.0, "epochs of the final fine-tune", low=0),
+        "recalibrate_bn": _f(
+            (bool, type(None)), None, "re-estimate BatchNorm statistics after each step"
+        ),
     },
     "analysis": {
         "ntk": _f((bool, type(None)), None, "log NTK alignment (null = when cheap)"),
