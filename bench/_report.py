@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -46,3 +49,37 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+
+@contextlib.contextmanager
+def stdout_to_section(name: str, title: str):
+    """Run a bench's main() and store everything it printed as the section ``name``.
+
+    Worker/child invocations of a script (``--worker``/``--child`` in argv) write nothing.
+    """
+    if any(flag in sys.argv for flag in ("--worker", "--child")):
+        yield
+        return
+    buffer = io.StringIO()
+    real = sys.stdout
+    sys.stdout = _Tee(real, buffer)
+    try:
+        yield
+    finally:
+        sys.stdout = real
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    update_section(name, title, command, buffer.getvalue())

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import stdout_to_section  # bench/ is sys.path[0] when run
 from torch import nn
 
 VENV = Path("/tmp/benchvenv")
@@ -349,4 +350,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_to_section(
+        "ekfac", "EKFAC diagonal vs nngeometry and BackPACK: time, memory, agreement"
+    ):
+        main()

@@ -33,6 +33,7 @@ import sys
 import time
 
 import torch
+from _report import stdout_to_section  # bench/ is sys.path[0] when run
 from torch import nn
 from torch.func import functional_call, jacrev
 
@@ -191,4 +192,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_to_section("ntk", "NTK alignment: time per evaluation vs n"):
+        main()

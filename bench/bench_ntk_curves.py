@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import stdout_to_section  # bench/ is sys.path[0] when run
 
 import prunekit.pipeline as pipeline
 from prunekit.analysis import ntk_alignment
@@ -170,4 +171,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_to_section(
+        "ntk_curves", "NTK alignment during pruning: MP vs OBD, logging overhead"
+    ):
+        main()

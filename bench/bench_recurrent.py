@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import stdout_to_section  # bench/ is sys.path[0] when run
 from torch import nn
 
 from prunekit.checkpoint import build_model
@@ -161,4 +162,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with stdout_to_section(
+        "recurrent", "Recurrent models: LSTM vs BN-LSTM, pruning with BN recalibration"
+    ):
+        main()
