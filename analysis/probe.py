@@ -120,7 +120,9 @@ def _parse_every(every) -> tuple[str, float]:
             return _parse_every(int(text))
         except ValueError:
             pass
-        raise SettingError(f"ntk every {every!r} is not 'xM' (multiplier M > 1) or a stride N")
+        raise SettingError(
+            f"ntk every {every!r} is not 'none', 'xM' (multiplier M > 1) or a stride N"
+        )
     if isinstance(every, bool):
         raise SettingError(f"ntk every {every!r} must be a number")
     if isinstance(every, int):

@@ -562,6 +562,30 @@ def run_pruning(
     return PruneResult(model, run.masks, report, run.rows, ntk_records, probe)
 
 
+_GATES = {"LSTM": ("input", "forget", "cell", "output"), "GRU": ("reset", "update", "new")}
+
+
+def _gate_sparsity(model: nn.Module, targets: dict[str, Target], masks: Masks) -> dict:
+    """Recurrent targets: fraction pruned per gate (rows split in gate blocks, torch order).
+
+    nn.LSTM and BN-LSTM cells stack gates i, f, g, o; nn.GRU r, z, n.
+    """
+    modules = dict(model.named_modules())
+    out = {}
+    for name, target in targets.items():
+        if target.kind != "recurrent":
+            continue
+        module = modules[target.module]
+        kind = getattr(module, "original_name", None) or type(module).__name__
+        gates = _GATES["GRU"] if kind == "GRU" else _GATES["LSTM"] if "LSTM" in kind else None
+        rows = masks[name].shape[0]
+        if gates is None or rows % len(gates):
+            continue
+        blocks = masks[name].reshape(len(gates), rows // len(gates), -1)
+        out[name] = {g: float((~b).float().mean()) for g, b in zip(gates, blocks, strict=True)}
+    return out
+
+
 def build_report(settings, crit, task, model, targets, masks, rows, estimators, metrics, seconds):
     """report.json content (design.md section 6 keys, plus settings and counts)."""
     global_sparsity, per_layer = sparsity_of(masks)
@@ -579,6 +603,7 @@ def build_report(settings, crit, task, model, targets, masks, rows, estimators, 
             "global": global_sparsity,
             "all_parameters": counts["zeros_all"] / counts["total"],
             "per_layer": per_layer,
+            "per_gate": _gate_sparsity(model, targets, masks),
         },
         "params": counts,
         "metrics": metrics,

@@ -169,12 +169,6 @@ def test_bad_ntk_every_raises_before_any_work(fresh, digits, every, ntk, monkeyp
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: analysis/probe.py _parse_every's SettingError lists 'xM' and a stride N as "
-    "valid but not 'none' (the default and a valid value); design.md section 5 wants the "
-    "message to name what would be valid",
-)
 def test_bad_ntk_every_message_names_every_valid_form(fresh, digits):
     with pytest.raises(SettingError) as info:
         run_pruning(fresh(), digits, settings(criterion="obd", ntk_every="zz"))

@@ -237,3 +237,22 @@ def test_gru_checkpoint_prunes_and_exports(gru_run, digits):
     assert report["bn_recalibration"] is False
     check_pruned_stay_zero(gru_run)
     check_export_parity(gru_run, digits)
+
+
+def test_report_gives_recurrent_sparsity_per_gate():
+    """Rows of LSTM/BN-LSTM matrices are gate blocks i, f, g, o; GRU r, z, n."""
+    import torch
+
+    from prunekit.pipeline import _gate_sparsity
+    from prunekit.prune.targets import find_targets
+
+    for cell, gates in (("lstm", 4), ("bnlstm", 4), ("gru", 3)):
+        model = build_model(f"prunekit.models:lstm?input_size=8&hidden=4&classes=3&cell={cell}")
+        targets = find_targets(model)
+        masks = {n: torch.ones(t.shape, dtype=torch.bool) for n, t in targets.items()}
+        name = next(n for n, t in targets.items() if t.kind == "recurrent")
+        masks[name][:4] = False  # the whole first gate block (hidden 4)
+        per_gate = _gate_sparsity(model, targets, masks)
+        assert set(per_gate) == {n for n, t in targets.items() if t.kind == "recurrent"}
+        values = list(per_gate[name].values())
+        assert len(values) == gates and values[0] == 1.0 and all(v == 0.0 for v in values[1:])
