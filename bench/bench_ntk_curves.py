@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import logging
 import sys
 import time
@@ -31,8 +30,6 @@ import torch
 from _report import stdout_to_section  # bench/ is sys.path[0] when run
 
 import prunekit.pipeline as pipeline
-from prunekit.analysis import ntk_alignment
-from prunekit.criteria.capture import capture
 from prunekit.data import load_data
 
 log = logging.getLogger("bench_ntk_curves")
@@ -45,12 +42,8 @@ COMMON = {"sparsity": 0.9, "steps": 10, "finetune_epochs": 1.0, "seed": 0}
 
 
 def _wire_factored_path() -> str:
-    """Make sure the pipeline's NTK calls use the factored path; say how."""
-    current = pipeline.ntk_alignment
-    if isinstance(current, functools.partial) and "capture" in current.keywords:
-        return "factored (as wired in prunekit.pipeline)"
-    pipeline.ntk_alignment = functools.partial(ntk_alignment, capture=capture)
-    return "factored (patched by this script: prunekit.pipeline does not pass capture yet)"
+    """The pipeline's NTK calls go through prunekit.ntk_alignment, which passes capture."""
+    return "factored (prunekit.pipeline passes criteria.capture to analysis.ntk_alignment)"
 
 
 def _run(model, data, ntk: bool, settings: dict):
