@@ -197,9 +197,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     fine-tuning, vs step) and sparsity.png (per-layer and global fraction pruned vs step).
     With ntk.jsonl: ntk_alignment_steps.png (train/val alignment vs step, sparsity on a
     second axis), ntk_alignment_finetune.png (alignment vs fine-tuning iteration, one line
-    per step) and ntk_per_layer.png (heat map, layer x milestone). Without ntk.jsonl those
-    are skipped and the skip is logged. Raises RunDirError when metrics.jsonl is missing,
-    empty or malformed.
+    per step, only when records inside fine-tuning exist) and ntk_per_layer.png (heat map,
+    layer x milestone). Without ntk.jsonl those are skipped and the skip is logged. Raises
+    RunDirError when metrics.jsonl is missing, empty or malformed.
     """
     import matplotlib
 
@@ -220,7 +220,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         log.info("%s: no NTK records in %s; NTK plots skipped", run_dir, NTK_FILE)
         return written
     written.append(_plot_alignment_steps(records, metrics, out))
-    written.append(_plot_alignment_iterations(records, out))
+    inside = [r for r in records if r.get("phase") == "finetune" and r.get("iteration")]
+    if inside:
+        written.append(_plot_alignment_iterations(records, out))
+    else:  # an empty chart says nothing: only when --ntk-every logged inside fine-tuning
+        (out / "ntk_alignment_finetune.png").unlink(missing_ok=True)
+        log.info("%s: no NTK records inside fine-tuning (--ntk-every none); plot skipped", run_dir)
     written.append(_plot_per_layer_heatmap(records, out))
     log.info("%s: wrote %d plots to %s", run_dir, len(written), out)
     return written
