@@ -15,6 +15,9 @@ from pathlib import Path
 
 from prunekit.errors import RunDirError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -49,6 +52,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs follow the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

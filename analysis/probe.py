@@ -16,6 +16,9 @@ import torch
 
 from prunekit.errors import RunDirError, SettingError, choice_error
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 PHASES = ("dense", "prune", "finetune", "final")
 PROBE_FILE = "probe.json"
 # The paper's schedule (methods.md 3.6): iteration 0, then int(5 * 1.15^k).
@@ -50,9 +53,14 @@ def save_probe(run_dir: str | Path, probe: dict) -> Path:
     """Write ``probe`` to run_dir/probe.json atomically (temporary file + rename)."""
     path = Path(run_dir) / PROBE_FILE
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".probe.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(probe, handle)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(probe, handle)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs follow the umask
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -67,8 +67,12 @@ def capture(model: nn.Module, module_names: Iterable[str]) -> Iterator[Recorder]
     def make_hook(name: str):
         def hook(_module, args, output):
             if isinstance(output, Tensor) and args and isinstance(args[0], Tensor):
-                rec.inputs[name].append(args[0].detach())
+                # Copies: a later in-place op (ReLU(inplace=True), x += ...) would otherwise
+                # rebase the recorded tensors, and the gradient would be taken after it.
+                rec.inputs[name].append(args[0].detach().clone())
                 rec.outputs[name].append(output)
+                return output.clone()
+            return None
 
         return hook
 

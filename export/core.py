@@ -24,6 +24,9 @@ from .receipt import MEMORY_NOTE
 from .storage import check_modes, check_opset
 from .verify import check, check_weights, latencies, parity, session
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 log = logging.getLogger(__name__)
 
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
@@ -108,6 +111,7 @@ def _write_verified(stored, path: Path, verify_fn) -> tuple[dict, float]:
     try:
         onnx.save_model(stored, tmp)
         result, created = verify_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,6 +7,9 @@ import os
 import tempfile
 from pathlib import Path
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 MEMORY_NOTE = (
     "onnxruntime holds sparse and packed weights densely in memory once the session is "
     "created (sparse initializers are densified, packed ones constant-folded): storage "
@@ -22,6 +25,7 @@ def write_receipt(receipt: dict, path: str | os.PathLike) -> Path:
         with os.fdopen(fd, "w") as fh:
             json.dump(receipt, fh, indent=2, sort_keys=False)
             fh.write("\n")
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

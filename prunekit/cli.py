@@ -449,8 +449,12 @@ def run(
 
     spec = load_checked_recipe(recipe, set_)
     out = out or Path("runs") / recipe.stem
+    inputs = (recipe, *([Path(spec["model"]["checkpoint"])] if spec["model"]["checkpoint"] else []))
+    extra = ("model.onnx", "export.json")
     if not resume or load_step_state(out) is None:  # nothing to resume: a fresh run
-        check_run_dir(out, overwrite, inputs=(recipe,))
+        check_run_dir(out, overwrite, inputs=inputs, extra_files=extra)
+    else:  # resuming may rewrite every run file: still never the inputs
+        check_run_dir(out, True, inputs=inputs, extra_files=extra)
     _sigterm_as_interrupt()
     with BarProgress(enabled=not quiet) as bars:
         report, checks = run_recipe(spec, out, resume=resume, progress=bars)

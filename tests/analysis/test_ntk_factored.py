@@ -165,3 +165,24 @@ def test_spectrum_false_skips_only_the_effective_rank():
         k: v for k, v in full.items() if k != "effective_rank"
     }
     assert ntk_record(1, "prune", None, 0.5, quick)["effective_rank_train"] is None
+
+
+def test_factored_path_unchanged_by_an_inplace_activation():
+    """ReLU(inplace=True) after a Linear must not change the captured factors."""
+    import copy
+
+    from torch import nn
+
+    from prunekit.analysis import ntk_alignment
+    from prunekit.criteria.capture import capture
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    inplace = copy.deepcopy(plain)
+    inplace[1] = nn.ReLU(inplace=True)
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    want = ntk_alignment(plain, x, y, capture=capture)
+    got = ntk_alignment(inplace, x, y, capture=capture)
+    assert got["alignment"] == pytest.approx(want["alignment"], rel=1e-9)
+    for name, value in want["per_layer"].items():
+        assert got["per_layer"][name] == pytest.approx(value, rel=1e-9)

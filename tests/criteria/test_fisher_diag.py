@@ -363,3 +363,24 @@ def test_float32_model_accumulates_in_float32_close_to_float64():
     for n in targets:
         assert got[n].dtype == torch.float32
         torch.testing.assert_close(got[n].double(), want[n], rtol=1e-4, atol=1e-7)
+
+
+def test_inplace_activation_after_a_hooked_layer_changes_nothing():
+    """ReLU(inplace=True) after a Linear must not rebase the recorded output (or its input)."""
+    import copy
+
+    from torch import nn
+
+    from prunekit.criteria import fit_curvature
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    inplace = copy.deepcopy(plain)
+    inplace[1] = nn.ReLU(inplace=True)
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    targets = find_targets(plain)
+    for estimator in ("diag", "kfac", "ekfac"):
+        want = fit_curvature(estimator, plain, CLS, targets, [(x, y)], labels="empirical")
+        got = fit_curvature(estimator, inplace, CLS, targets, [(x, y)], labels="empirical")
+        for name in targets:
+            torch.testing.assert_close(got.diagonal()[name], want.diagonal()[name])
