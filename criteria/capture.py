@@ -25,6 +25,16 @@ class Recorder:
 
     inputs: dict[str, list[Tensor]] = field(default_factory=dict)
     outputs: dict[str, list[Tensor]] = field(default_factory=dict)
+    active: bool = True
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hooks record nothing inside this block (e.g. while other code runs the model)."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
 
     def clear(self) -> None:
         """Forget what the last forward recorded (call before the next forward)."""
@@ -66,7 +76,7 @@ def capture(model: nn.Module, module_names: Iterable[str]) -> Iterator[Recorder]
 
     def make_hook(name: str):
         def hook(_module, args, output):
-            if isinstance(output, Tensor) and args and isinstance(args[0], Tensor):
+            if rec.active and isinstance(output, Tensor) and args and isinstance(args[0], Tensor):
                 # Copies: a later in-place op (ReLU(inplace=True), x += ...) would otherwise
                 # rebase the recorded tensors, and the gradient would be taken after it.
                 rec.inputs[name].append(args[0].detach().clone())

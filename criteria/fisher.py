@@ -237,7 +237,9 @@ def squared_gradient_sums(
                     acc[n] += sq.to(acc[n].dtype)
             slow = [n for n in targets if n not in hooked]
             if slow:
-                _loop_sq_grads(model, task, batch, sets, slow, params, acc)
+                rec.clear()
+                with rec.paused():  # per-example forwards must not pile up recordings
+                    _loop_sq_grads(model, task, batch, sets, slow, params, acc)
             seen += batch_size(batch)
             del outputs
     if seen == 0:

@@ -384,3 +384,42 @@ def test_inplace_activation_after_a_hooked_layer_changes_nothing():
         got = fit_curvature(estimator, inplace, CLS, targets, [(x, y)], labels="empirical")
         for name in targets:
             torch.testing.assert_close(got.diagonal()[name], want.diagonal()[name])
+
+
+def test_slow_path_examples_leave_no_recordings_behind(monkeypatch):
+    """While the per-example slow path runs, the capture hooks record nothing."""
+    from torch import nn
+
+    from prunekit.criteria import capture as capture_mod
+
+    recorders = []
+    real = capture_mod.capture
+
+    def spy(model, names):
+        cm = real(model, names)
+        rec = cm.__enter__()
+        recorders.append(rec)
+
+        class Wrapped:
+            def __enter__(self):
+                return rec
+
+            def __exit__(self, *exc):
+                sizes.append(sum(len(v) for v in rec.outputs.values()))
+                return cm.__exit__(*exc)
+
+        return Wrapped()
+
+    sizes: list[int] = []
+    import prunekit.criteria.fisher as fisher_mod
+
+    monkeypatch.setattr(fisher_mod, "capture", spy)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model.register_module("extra", nn.Identity())
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    targets = find_targets(model)
+    # force every target onto the slow path by pretending no module is hookable
+    monkeypatch.setattr(fisher_mod, "_fast_modules", lambda m, t: {"0.weight": "0"})
+    fit_diag(model, CLS, targets, [(x, y)], labels="empirical")
+    assert recorders and all(r.active for r in recorders)
+    assert sizes == [0]  # cleared before the slow path, nothing recorded during it
