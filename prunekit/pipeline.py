@@ -694,6 +694,8 @@ def prune(model: nn.Module, data, task: Task | None = None, out=None, **settings
     data: a spec string ('digits', 'mnist5k', 'synthetic', 'file.npz', 'module:function'),
     a DataBundle, or an iterable of (inputs, targets) batches; settings: PruneSettings
     fields (criterion, sparsity, steps, ...); out: optional run directory to write.
+    The global torch RNG is seeded with ``seed`` (dropout during fine-tuning must be
+    reproducible); save it with ``torch.get_rng_state()`` first if the caller needs it.
     """
     cfg = _settings_from(settings)
     bundle = resolve_data(data, seed=cfg.seed)
