@@ -50,7 +50,7 @@ from prunekit.criteria.kfac import (
     symmetric_eigh,
 )
 from prunekit.errors import DataError, ModelError
-from prunekit.types import Batch, Masks, Target, Task
+from prunekit.types import Batch, Masks, Target, Task, all_reduce_sums
 
 # Largest number of per-example gradient entries built at once (~32 MB float32; the masked
 # projection holds about three such buffers).
@@ -239,6 +239,7 @@ def fit_scaling(
             for t, g in grads.items():
                 acc[t] += _projected_sq(g, rows[t], u_g[t], u_a[t], keep[t])
         seen += n
+    seen = all_reduce_sums(acc.values(), seen)
     if seen == 0:
         raise DataError("no examples to estimate the Fisher from (the data is empty)")
     return {t: s / seen for t, s in acc.items()}, seen
@@ -352,8 +353,9 @@ class RowCache:
             acc = torch.zeros(ly.groups, ly.rows, ly.cols, dtype=u_a.dtype, device=u_a.device)
             for a, grads in self.rows[t]:
                 acc += _batch_sq(a, grads, u_g, u_a, keep[t])
-            out[t] = acc / seen
-        return out
+            out[t] = acc
+        all_reduce_sums(out.values(), 0)  # rows are this rank's shard; seen is already global
+        return {t: acc / seen for t, acc in out.items()}
 
 
 def _replay(gen: torch.Generator) -> torch.Generator:

@@ -26,7 +26,7 @@ from prunekit.criteria.capture import Recorder, capture, scoring_mode
 from prunekit.criteria.persample import conv_sq_grads, linear_sq_grads
 from prunekit.criteria.unrolled import functional_twin
 from prunekit.errors import DataError, SettingError, choice_error, int_setting
-from prunekit.types import Batch, Target, Task, batch_size
+from prunekit.types import Batch, Target, Task, all_reduce_sums, batch_size
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ def squared_gradient_sums(
                     _loop_sq_grads(model, task, batch, sets, slow, params, acc)
             seen += batch_size(batch)
             del outputs
+    seen = all_reduce_sums(acc.values(), seen)
     if seen == 0:
         raise DataError("no examples to estimate the Fisher from (the data is empty)")
     return acc, seen
@@ -264,6 +265,7 @@ def mean_gradient(
                 if g is not None:
                     acc[n] += g.detach().to(acc[n].dtype)
             seen += n_batch
+    seen = all_reduce_sums(acc.values(), seen)
     if seen == 0:
         raise DataError("no examples to estimate the gradient from (the data is empty)")
     return {n: a / seen for n, a in acc.items()}

@@ -42,7 +42,7 @@ from prunekit.criteria.diag import Diag, damping_value, fit_diag
 from prunekit.criteria.fisher import check_labels, label_sets, term_values
 from prunekit.criteria.persample import conv_patches, supports_fast_path
 from prunekit.errors import DataError, ModelError
-from prunekit.types import Batch, Target, Task, batch_size
+from prunekit.types import Batch, Target, Task, all_reduce_sums, batch_size
 
 _FACTOR_KINDS = ("linear", "conv")
 
@@ -248,6 +248,7 @@ def fit_factors(
         if keep is not None:
             keep(acts, kept)
         seen += n
+    seen = all_reduce_sums([*a_acc.values(), *g_acc.values()], seen)
     if seen == 0:
         raise DataError("no examples to estimate the Fisher from (the data is empty)")
     return {t: a / seen for t, a in a_acc.items()}, {t: g / seen for t, g in g_acc.items()}, seen

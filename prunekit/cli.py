@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -105,6 +106,27 @@ def _check_export_target(
     for existing in (path, receipt):
         if existing is not None and existing.exists() and not overwrite:
             raise RunDirError(f"{str(existing)!r} exists; pass --overwrite or choose another path")
+
+
+@contextmanager
+def _distributed(device: str):
+    """Join the torchrun job described by the environment (gloo on CPU, nccl on CUDA).
+
+    Yields this process's rank (0 outside a job); the group is destroyed on exit.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield dist.get_rank() if dist.is_initialized() else 0
+        return
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
 
 
 def _export_files(export: Path | None) -> tuple[str, ...]:
@@ -296,8 +318,10 @@ def prune(
         ntk_every=ntk_every,
     )
     bundle = resolve_data(data_spec, seed=seed)
-    with BarProgress(enabled=not quiet) as bars:
+    with _distributed(device) as rank, BarProgress(enabled=not quiet and rank == 0) as bars:
         result = run_pruning(loaded.model, bundle, settings, progress=bars)
+    if rank != 0:  # under torchrun only rank 0 publishes the run
+        return
     write_run(out, result, loaded.arch, data_spec)
     _plots(out)
     _summary(result.report, out)

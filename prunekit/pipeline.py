@@ -130,6 +130,40 @@ class PruneResult:
     probe: dict | None = None
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed job, (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class RankSlice:
+    """This rank's share of each global batch (examples rank, rank + world, ...).
+
+    Every rank draws the same global permutation (same generator state), so together the
+    ranks see exactly the batches of a one-process run; DDP averages their gradients.
+    """
+
+    def __init__(self, batches, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for x, y in self.batches:
+            yield x[self.rank :: self.world], y[self.rank :: self.world]
+
+
+def score_batches_of(data: DataBundle, examples: int, device) -> list:
+    """The first ``examples`` training examples, this rank's share of them in a job."""
+    rank, world = rank_and_world()
+    x, y = data.x_train[:examples][rank::world], data.y_train[:examples][rank::world]
+    return [batch_to((x[i : i + 250], y[i : i + 250]), device) for i in range(0, len(x), 250)]
+
+
 def resolve_device(device: str) -> torch.device:
     """'cpu', 'cuda' or 'auto' (cuda when available) as a torch.device."""
     if device not in DEVICES:
@@ -321,14 +355,21 @@ class _Run:
 
             total = phase.total_steps(len(batches))
             when = set(log_spaced_iterations(total, self.settings.ntk_every)) - {0, total}
-            masks = self.masks
 
             def on_step(it: int) -> None:
                 if it in when:
-                    self.ntk(step, "finetune", it, sparsity, masks)
+                    self.ntk(step, "finetune", it, sparsity, self.masks)
 
+        model, train_masks = self.model, self.masks
+        rank, world = rank_and_world()
+        if world > 1:  # DistributedDataParallel over this rank's share of every batch
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(self.model)
+            train_masks = {f"module.{n}": m for n, m in self.masks.items()}
+            batches = RankSlice(batches, rank, world)
         finetune(
-            self.model, self.task, batches, phase, masks=self.masks, progress=tick, on_step=on_step
+            model, self.task, batches, phase, masks=train_masks, progress=tick, on_step=on_step
         )
 
     def record(self, step: int, after_prune: dict, seconds: float, ntk_value) -> None:
@@ -530,7 +571,7 @@ def run_pruning(
     task = task or make_task(data.kind)
     run, crit, sparsities = _start_run(model, data, settings, task, progress)
     device = next(model.parameters()).device
-    score_batches = [batch_to(b, device) for b in data.first_train(settings.score_examples)]
+    score_batches = score_batches_of(data, settings.score_examples, device)
     first = restore_state(run, state_dir, state_info) + 1 if resume else 1
     if first == 1:
         run.dense = _eval(model, task, data)

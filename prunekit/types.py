@@ -159,3 +159,27 @@ def make_task(kind: str) -> Task:
     from prunekit.errors import choice_error
 
     raise choice_error("task kind", kind, TASK_KINDS)
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sums(tensors, count: int) -> int:
+    """Sum ``tensors`` (in place) and ``count`` over the processes of a torch.distributed job.
+
+    Curvature and gradient accumulators call this before dividing by the examples seen, so
+    every rank ends with the statistics of all ranks' shards. A no-op (returns ``count``)
+    outside a multi-process job.
+    """
+    if _world() == 1:
+        return count
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t)
+    total = torch.tensor([float(count)], dtype=torch.float64)
+    dist.all_reduce(total)
+    return int(total.item())
