@@ -122,6 +122,10 @@ def _distributed(device: str):
     if world <= 1 or dist.is_initialized():
         yield dist.get_rank() if dist.is_initialized() else 0
         return
+    if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
     try:
         yield dist.get_rank()
