@@ -87,6 +87,18 @@ class Task:
         """The data's targets of a batch."""
         return batch[1]
 
+    def position_mask(self, batch: Batch) -> Tensor | None:
+        """(N, T) bool, True = a real token, for models fed padded sequences; else None.
+
+        Curvature statistics of Linear layers applied to (N, T, D) sequences skip the
+        positions where this is False (padding). The default reads an ``attention_mask``
+        entry of dict inputs.
+        """
+        inputs = batch_inputs(batch)
+        if isinstance(inputs, dict) and isinstance(inputs.get("attention_mask"), Tensor):
+            return inputs["attention_mask"].bool()
+        return None
+
     def with_targets(self, batch: Batch, targets: Tensor) -> Batch:
         """The same batch with other targets (sampled labels, for instance)."""
         return (batch_inputs(batch), targets)
