@@ -1,5 +1,6 @@
 """The small model zoo (prunekit.models): factories usable as arch specs `prunekit.models:NAME`."""
 
+from prunekit.models.encoder import EncoderBlock, SelfAttention, TokenEncoder, encoder
 from prunekit.models.examples import EXAMPLES, Example
 from prunekit.models.recurrent import (
     BNLSTM,
@@ -18,11 +19,15 @@ __all__ = [
     "BNRNN",
     "CELLS",
     "EXAMPLES",
+    "EncoderBlock",
     "BNLSTMCell",
     "Example",
     "SeqBatchNorm",
+    "SelfAttention",
     "SequenceClassifier",
+    "TokenEncoder",
     "cnn",
+    "encoder",
     "lstm",
     "mlp",
 ]
