@@ -41,9 +41,12 @@ __all__ = ["EKFAC", "EKFACBasis", "KFAC", "Diag", "ESTIMATORS", "fit_curvature"]
 def default_labels(estimator: str, task: Task | None = None) -> str:
     """The labels an estimator uses when none are given (see the module docstring).
 
-    'exact' for 'diag' (unless ``task`` is given and is not a classifier), else 'sampled'.
+    'exact' for 'diag' (unless ``task`` is given and has no categorical output), else
+    'sampled'; 'empirical' for a task that can neither enumerate nor sample labels.
     """
-    classifier = task is None or task.kind == "classification"
+    if task is not None and not task.categorical and not task.can_sample:
+        return "empirical"  # a user task that cannot draw from its predictive distribution
+    classifier = task is None or task.categorical
     return "exact" if estimator == "diag" and classifier else "sampled"
 
 

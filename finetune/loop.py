@@ -150,7 +150,8 @@ def finetune(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, batches: Iterable[Batch]) -> dict[str, float | None]:
-    """Mean loss (task.nll, per example) and accuracy (classification; else None), eval mode.
+    """Means per example of the task's metrics: ``loss``, ``accuracy`` (from ``correct``;
+    None without it) and any other sum the task reports (e.g. ``cosine``), in eval mode.
 
     The model's ``.training`` flag is restored afterwards.
     """
@@ -170,4 +171,6 @@ def evaluate(model: nn.Module, task: Task, batches: Iterable[Batch]) -> dict[str
     if seen == 0:
         raise SettingError("cannot evaluate on empty data")
     accuracy = sums["correct"] / seen if "correct" in sums else None
-    return {"loss": sums["loss"] / seen, "accuracy": accuracy}
+    out = {"loss": sums["loss"] / seen, "accuracy": accuracy}
+    out.update({k: v / seen for k, v in sums.items() if k not in ("loss", "correct")})
+    return out

@@ -77,11 +77,12 @@ def _choices(names) -> str:
 
 def _summary(report: dict, out: Path) -> None:
     table = Table(title=f"prunekit {report['criterion']} -> {out}")
-    for col in ("model", "loss", "accuracy"):
+    extra = [k for k in ("cosine", "agreement") if k in report["metrics"]["dense"]]
+    for col in ("model", "loss", "accuracy", *extra):
         table.add_column(col, justify="right" if col != "model" else "left")
     for key, label in (("dense", "dense"), ("pruned", "pruned"), ("finetuned", "fine-tuned")):
         m = report["metrics"][key]
-        table.add_row(label, _fmt(m["loss"]), _fmt(m["accuracy"]))
+        table.add_row(label, _fmt(m["loss"]), _fmt(m["accuracy"]), *(_fmt(m[k]) for k in extra))
     out_console.print(table)
     sp = report["sparsity"]
     out_console.print(
@@ -218,6 +219,25 @@ def prune(
     arch: str = typer.Option(
         None, help="Architecture for a state_dict: module:factory[?key=value&...]."
     ),
+    task: str = typer.Option(
+        None,
+        help="User task module:factory: the factory returns an object with forward(model, "
+        "batch) and loss(outputs, batch) (optional sample, metrics). Batches are tensors, "
+        "dicts of tensors, or (inputs, targets).",
+    ),
+    loss: str = typer.Option(
+        "auto",
+        help="Training loss: auto (from the data's labels or --task), classification, "
+        "regression, or distill (match the dense model's own outputs; no labels needed).",
+    ),
+    distill_metric: str = typer.Option(
+        "auto",
+        help="With --loss distill: kl (logits, at --temperature), mse or cosine (embeddings); "
+        "auto = kl for class-labelled data, else cosine.",
+    ),
+    temperature: float = typer.Option(
+        1.0, help="With --loss distill --distill-metric kl: softmax temperature (> 0)."
+    ),
     finetune_epochs: float = typer.Option(
         1.0, help="Fine-tuning epochs after each step (0 = prune all steps first, as in the paper)."
     ),
@@ -320,6 +340,10 @@ def prune(
         compensate=compensate,
         ntk=ntk,
         ntk_every=ntk_every,
+        loss=loss,
+        distill_metric=distill_metric,
+        temperature=temperature,
+        task_spec=task,
     )
     bundle = resolve_data(data_spec, seed=seed)
     with _distributed(device) as rank, BarProgress(enabled=not quiet and rank == 0) as bars:

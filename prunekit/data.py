@@ -8,6 +8,7 @@ a DataBundle, or ``(train, val)`` where each is ``(x, y)``, a Dataset or a DataL
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib
 import importlib.util
@@ -20,25 +21,48 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.errors import DataError, first_line
-from prunekit.types import TASK_KINDS
+from prunekit.types import (
+    TASK_KINDS,
+    Task,
+    batch_inputs,
+    batch_to,
+    call_model,
+    num_rows,
+    take_rows,
+)
+
+DATA_KINDS = (*TASK_KINDS, "inputs")
+Inputs = Tensor | dict[str, Tensor]
 
 
 @dataclass(frozen=True)
 class DataBundle:
     """Train and validation tensors plus what the task needs to know.
 
-    x_*: inputs (N, ...) float32; y_*: class indices (N,) int64 for classification, or
-    float32 targets for regression; kind: 'classification' | 'regression';
-    num_classes: number of classes (0 for regression); name: the spec it came from.
+    x_*: inputs (N, ...), a float32 tensor or a dict name -> tensor (N, ...) (integer
+    columns such as token ids stay int64; dict entries are the model's keyword arguments);
+    y_*: class indices (N,) int64 for classification, float32 targets for regression, or
+    None for inputs-only data; kind: one of DATA_KINDS; num_classes: number of classes
+    (0 otherwise); name: the spec it came from.
     """
 
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
+    x_train: Inputs
+    y_train: Tensor | None
+    x_val: Inputs
+    y_val: Tensor | None
     kind: str
     num_classes: int
     name: str
+
+    @property
+    def n_train(self) -> int:
+        """Number of training examples."""
+        return num_rows(self.x_train)
+
+    @property
+    def n_val(self) -> int:
+        """Number of validation examples."""
+        return num_rows(self.x_val)
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Batches:
         """Shuffled training batches (a new permutation each pass, from ``generator``)."""
@@ -48,42 +72,37 @@ class DataBundle:
         """Validation batches in order."""
         return Batches(self.x_val, self.y_val, batch_size, None)
 
-    def first_train(self, n: int, batch_size: int = 250) -> list[tuple[Tensor, Tensor]]:
+    def first_train(self, n: int, batch_size: int = 250) -> list:
         """The first ``n`` training examples (fixed, unshuffled) as a list of batches."""
-        x, y = self.x_train[:n], self.y_train[:n]
-        return [
-            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)
-        ]
+        return list(Batches(self.x_train, self.y_train, batch_size, None, limit=n))
+
+    def with_targets(self, y_train: Tensor, y_val: Tensor, kind: str) -> DataBundle:
+        """The same inputs with other targets (e.g. a teacher's outputs for distillation)."""
+        return dataclasses.replace(self, y_train=y_train, y_val=y_val, kind=kind, num_classes=0)
 
 
 class Batches:
-    """Re-iterable (inputs, targets) batches over tensors; shuffled when given a generator."""
+    """Re-iterable batches over tensors: ``(inputs, targets)``, or inputs alone when y is None.
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator | None):
+    Shuffled when given a generator (a new permutation each pass); ``limit`` keeps only
+    the first examples.
+    """
+
+    def __init__(self, x: Inputs, y: Tensor | None, batch_size: int, generator, limit=None):
         self.x, self.y, self.batch_size, self.generator = x, y, int(batch_size), generator
+        self.n = num_rows(x) if limit is None else min(int(limit), num_rows(x))
 
     def __len__(self) -> int:
-        return (len(self.x) + self.batch_size - 1) // self.batch_size
+        return (self.n + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.x)
-        order = torch.randperm(n, generator=self.generator) if self.generator else None
-        for start in range(0, n, self.batch_size):
-            if order is None:
-                yield (
-                    self.x[start : start + self.batch_size],
-                    self.y[start : start + self.batch_size],
-                )
-            else:
-                idx = order[start : start + self.batch_size]
-                yield self.x[idx], self.y[idx]
-
-
-def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    n_val = max(1, int(round(len(x) * val_fraction)))
-    return x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]]
+    def __iter__(self) -> Iterator:
+        order = torch.randperm(self.n, generator=self.generator) if self.generator else None
+        for start in range(0, self.n, self.batch_size):
+            index = slice(start, min(start + self.batch_size, self.n))
+            if order is not None:
+                index = order[index]
+            x = take_rows(self.x, index)
+            yield x if self.y is None else (x, self.y[index])
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -133,21 +152,42 @@ def _kind_of(y: np.ndarray) -> str:
     return "classification" if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 else "regression"
 
 
-def _from_npz(path: Path) -> tuple[np.ndarray, ...]:
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+            return {k: f[k] for k in f.files}
     except Exception as exc:  # numpy raises many types for corrupt archives
         raise DataError(f"cannot read data file {str(path)!r} as .npz: {first_line(exc)}") from exc
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise DataError(
-            f"data file {str(path)!r} lacks arrays {missing}; it needs x and y "
-            f"(optional x_val, y_val), has {sorted(arrays)}"
-        )
-    return arrays["x"], arrays["y"], arrays.get("x_val"), arrays.get("y_val")
+
+
+def _from_npz(path: Path) -> tuple:
+    """(x, y, x_val, y_val) of an .npz; x is an array, or a dict of named input arrays.
+
+    Either ``x`` [+ ``y``] (+ ``x_val``, ``y_val``), or named inputs (e.g. ``input_ids``,
+    ``attention_mask``) with optional ``NAME_val`` twins and optional ``y``/``y_val``.
+    """
+    arrays = _read_npz(path)
+    if not arrays:
+        raise DataError(f"data file {str(path)!r} holds no arrays")
+    y, y_val = arrays.pop("y", None), arrays.pop("y_val", None)
+    if "x" in arrays:
+        extra = sorted(set(arrays) - {"x", "x_val"})
+        if extra:
+            raise DataError(
+                f"data file {str(path)!r} has unexpected arrays {extra} beside x; it holds x, "
+                "optional y (labels; none = inputs only), x_val, y_val"
+            )
+        return arrays["x"], y, arrays.get("x_val"), y_val
+    names = [k for k in arrays if not k.endswith("_val")]
+    val = {k: arrays[f"{k}_val"] for k in names if f"{k}_val" in arrays}
+    if val and len(val) != len(names):
+        missing = sorted(f"{k}_val" for k in names if k not in val)
+        raise DataError(f"data file {str(path)!r} has validation arrays but lacks {missing}")
+    if not names:
+        raise DataError(f"data file {str(path)!r} has only validation arrays {sorted(arrays)}")
+    return {k: arrays[k] for k in names}, y, val or None, y_val
 
 
 def _to_arrays(obj, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -178,27 +218,70 @@ def _from_function(spec: str) -> DataBundle | tuple:
     return func()
 
 
+def _rows(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def _check_rows(x, y, name: str, part: str) -> None:
+    sizes = {k: len(v) for k, v in x.items()} if isinstance(x, dict) else {"x": len(x)}
+    if y is not None:
+        sizes["y"] = len(y)
+    if len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise DataError(f"data {name!r}: {part} arrays need equal, non-zero lengths, got {sizes}")
+
+
+def _split(x, y, val_fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(_rows(x))
+    n_val = max(1, int(round(len(order) * val_fraction)))
+    train, val = order[n_val:], order[:n_val]
+
+    def pick(v, idx):
+        if v is None:
+            return None
+        return {k: a[idx] for k, a in v.items()} if isinstance(v, dict) else np.asarray(v)[idx]
+
+    return pick(x, train), pick(y, train), pick(x, val), pick(y, val)
+
+
+def _column(a: np.ndarray) -> Tensor:
+    """A named input column: integers as int64, booleans as bool, anything else float32."""
+    a = np.asarray(a)
+    if a.dtype == np.bool_:
+        return torch.from_numpy(a.copy())
+    if np.issubdtype(a.dtype, np.integer):
+        return torch.from_numpy(a.astype(np.int64))
+    return torch.from_numpy(np.asarray(a, np.float32))
+
+
+def _inputs(x, standardise_with=None) -> Tensor | dict[str, Tensor]:
+    if isinstance(x, dict):
+        return {k: _column(v) for k, v in x.items()}
+    x = np.asarray(x, np.float32)
+    if standardise_with is not None:
+        x = (x - standardise_with[0]) / standardise_with[1]
+    return torch.from_numpy(x)
+
+
+def _targets(y, kind: str) -> Tensor | None:
+    if y is None:
+        return None
+    return torch.from_numpy(np.asarray(y, np.int64 if kind == "classification" else np.float32))
+
+
 def _bundle(x, y, x_val, y_val, name: str, seed: int, val_fraction: float, standardise=False):
-    if len(x) != len(y) or len(x) == 0:
-        raise DataError(f"data {name!r}: x has {len(x)} rows but y has {len(y)}; need equal, > 0")
-    if x_val is None or y_val is None:
-        x, y, x_val, y_val = _split(np.asarray(x), np.asarray(y), val_fraction, seed)
-    kind = _kind_of(np.asarray(y))
-    x, x_val = np.asarray(x, np.float32), np.asarray(x_val, np.float32)
-    if standardise:
-        mean, std = float(x.mean()), float(x.std()) or 1.0
-        x, x_val = (x - mean) / std, (x_val - mean) / std
-    y_dtype = np.int64 if kind == "classification" else np.float32
-    y, y_val = np.asarray(y, y_dtype), np.asarray(y_val, y_dtype)
-    classes = int(max(y.max(), y_val.max())) + 1 if kind == "classification" else 0
+    _check_rows(x, y, name, "training")
+    if x_val is None or (y is not None and y_val is None):
+        x, y, x_val, y_val = _split(x, y, val_fraction, seed)
+    _check_rows(x_val, y_val, name, "validation")
+    kind = "inputs" if y is None else _kind_of(np.asarray(y))
+    stats = None
+    if standardise and not isinstance(x, dict):
+        stats = (float(np.mean(x)), float(np.std(x)) or 1.0)
+    y_t, yv_t = _targets(y, kind), _targets(y_val, kind)
+    classes = int(max(y_t.max(), yv_t.max())) + 1 if kind == "classification" else 0
     return DataBundle(
-        torch.from_numpy(x),
-        torch.from_numpy(y),
-        torch.from_numpy(x_val),
-        torch.from_numpy(y_val),
-        kind,
-        classes,
-        name,
+        _inputs(x, stats), y_t, _inputs(x_val, stats), yv_t, kind, classes, name
     )
 
 
@@ -232,37 +315,90 @@ def load_data(spec: str, seed: int = 0, val_fraction: float = 0.2) -> DataBundle
     )
 
 
+def _batch_parts(batch) -> tuple:
+    """(inputs, targets or None) of one API batch: (inputs, targets), a tensor or a dict."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise DataError(f"data batches must be (inputs, targets) pairs, got {len(batch)} items")
+        return batch[0], batch[1]
+    if isinstance(batch, (Tensor, np.ndarray, dict)):
+        return batch, None
+    raise DataError(f"data batches must be tensors, dicts or pairs, not {type(batch).__name__}")
+
+
+def _concat(parts: list):
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([torch.as_tensor(p[k]) for p in parts]).numpy() for k in parts[0]}
+    return torch.cat([torch.as_tensor(p) for p in parts]).numpy()
+
+
 def bundle_from_batches(batches, val_fraction: float = 0.2, seed: int = 0) -> DataBundle:
-    """A DataBundle from an iterable of (inputs, targets) batches (the Python API's data)."""
-    xs, ys = [], []
-    for batch in batches:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise DataError("data batches must be (inputs, targets) pairs")
-        xs.append(torch.as_tensor(batch[0]))
-        ys.append(torch.as_tensor(batch[1]))
-    if not xs:
+    """A DataBundle from an iterable of batches (the Python API's data).
+
+    Each batch is ``(inputs, targets)`` or inputs alone; inputs are a tensor or a dict of
+    tensors. All batches must have the same form.
+    """
+    parts = [_batch_parts(b) for b in batches]
+    if not parts:
         raise DataError("data holds no batches")
-    x, y = torch.cat(xs).numpy(), torch.cat(ys).numpy()
+    labelled = {y is not None for _, y in parts}
+    if len(labelled) != 1:
+        raise DataError("data batches mix (inputs, targets) pairs and inputs-only batches")
+    x = _concat([p[0] for p in parts])
+    y = _concat([p[1] for p in parts]) if labelled == {True} else None
     return _bundle(x, y, None, None, "batches", seed, val_fraction)
 
 
+def describe_inputs(x: Inputs) -> str:
+    """Per-example shapes and dtypes of inputs, e.g. '{input_ids: (16,) int64, ...}'."""
+    if isinstance(x, dict):
+        inner = ", ".join(f"{k}: {tuple(v.shape[1:])} {str(v.dtype)[6:]}" for k, v in x.items())
+        return "{" + inner + "}"
+    return f"of shape {tuple(x.shape[1:])}"
+
+
+def _consume_error(exc: Exception, data: DataBundle, stage: str) -> DataError:
+    keys = list(data.x_train) if isinstance(data.x_train, dict) else None
+    if isinstance(exc, KeyError):
+        where = f"key {exc.args[0]!r} is missing" if exc.args else "a key is missing"
+        have = f"the batch has keys {keys}" if keys else "the batch is not a dict"
+        return DataError(f"the task's {stage} cannot consume the batch: {where}; {have}")
+    if isinstance(exc, IndexError):
+        return DataError(
+            f"the task's {stage} cannot consume the batch: position out of range "
+            f"({first_line(exc)}); batches are (inputs, targets) or inputs alone"
+        )
+    return DataError(
+        f"data {data.name!r} with inputs {describe_inputs(data.x_train)} does not fit the "
+        f"model ({stage}): {first_line(exc)}"
+    )
+
+
 @torch.no_grad()
-def check_data_fits(model: nn.Module, data: DataBundle) -> None:
-    """One small forward pass; DataError naming the shapes if data and model don't fit."""
+def check_data_fits(model: nn.Module, data: DataBundle, task: Task | None = None, loss=True):
+    """Run ``task`` (default: ``model(inputs)``) on two examples; returns the outputs.
+
+    Raises DataError (one line) naming the missing key, position or shapes when the model
+    or the task cannot consume the data, or, for built-in tasks, when the outputs do not
+    match the labels. loss: also evaluate ``task.loss`` on the batch.
+    """
     was_training = model.training
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = data.x_train[:2].to(device)
+    batch = batch_to(data.first_train(2, 2)[0], device)
+    stage = "forward"
     try:
         model.eval()
-        out = model(x)
-    except Exception as exc:  # any failure here means the shapes or dtypes do not fit
-        raise DataError(
-            f"data {data.name!r} with inputs of shape {tuple(data.x_train.shape[1:])} does not "
-            f"fit the model: {first_line(exc)}"
-        ) from exc
+        out = task.forward(model, batch) if task else call_model(model, batch_inputs(batch))
+        if task is not None and loss:
+            stage = "loss"
+            task.loss(out, batch)
+    except Exception as exc:  # any failure here means the data does not fit model or task
+        raise _consume_error(exc, data, stage) from exc
     finally:
         model.train(was_training)
-    _check_outputs(out, data)
+    if task is None or task.kind in TASK_KINDS:
+        _check_outputs(out, data)
+    return out
 
 
 def _check_outputs(out, data: DataBundle) -> None:

@@ -26,7 +26,7 @@ from prunekit.finetune.bn import has_batchnorm
 from prunekit.prune.masks import SCOPES, apply_masks, full_masks, next_masks, sparsity_of
 from prunekit.prune.schedules import schedule
 from prunekit.prune.targets import find_targets
-from prunekit.types import Masks, Target, Task, batch_to, make_task
+from prunekit.types import Masks, Target, Task, batch_to, make_task, num_rows, take_rows
 
 log = logging.getLogger("prunekit")
 
@@ -74,7 +74,11 @@ class PruneSettings:
     surviving weights estimate the same F_qq either way, since the diagonal of a principal
     submatrix is the diagonal itself; recalibrate_bn: re-estimate BatchNorm running
     statistics (per time step for BN-LSTM) on training batches right after each pruning
-    step (None = on when the model has BatchNorm).
+    step (None = on when the model has BatchNorm); loss: 'auto' (from the data's labels),
+    'classification', 'regression' or 'distill' (targets = the dense model's outputs);
+    distill_metric: 'auto' (kl for class-labelled data, else cosine), 'kl', 'mse' or
+    'cosine'; temperature: the KL temperature; task_spec: 'module:factory' of a user task
+    (its forward runs the model; its loss trains unless loss is 'distill').
     """
 
     criterion: str = "obd"
@@ -106,6 +110,10 @@ class PruneSettings:
     ntk_every: str = "none"
     probe_train: int = 100
     probe_val: int = 100
+    loss: str = "auto"
+    distill_metric: str = "auto"
+    temperature: float = 1.0
+    task_spec: str | None = None
 
     def finetune_settings(self, epochs: float) -> FinetuneSettings:
         """The fine-tuning phase settings for ``epochs`` epochs."""
@@ -120,7 +128,10 @@ class PruneSettings:
 
 @dataclass
 class PruneResult:
-    """The pruned model (in place), its masks (True = keep) and the report dict."""
+    """The pruned model (in place), its masks (True = keep) and the report dict.
+
+    teacher: the dense model's outputs {'train', 'val'} when distilling (else None).
+    """
 
     model: nn.Module
     masks: Masks
@@ -128,6 +139,7 @@ class PruneResult:
     metrics: list[dict] = field(default_factory=list)
     ntk: list[dict] = field(default_factory=list)
     probe: dict | None = None
+    teacher: dict | None = None
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -153,15 +165,115 @@ class RankSlice:
         return len(self.batches)
 
     def __iter__(self):
-        for x, y in self.batches:
-            yield x[self.rank :: self.world], y[self.rank :: self.world]
+        share = slice(self.rank, None, self.world)
+        for batch in self.batches:
+            yield take_rows(batch, share)
 
 
 def score_batches_of(data: DataBundle, examples: int, device) -> list:
     """The first ``examples`` training examples, this rank's share of them in a job."""
     rank, world = rank_and_world()
-    x, y = data.x_train[:examples][rank::world], data.y_train[:examples][rank::world]
-    return [batch_to((x[i : i + 250], y[i : i + 250]), device) for i in range(0, len(x), 250)]
+    share = slice(rank, None, world)
+    first = take_rows((data.x_train, data.y_train), slice(0, examples))
+    x, y = take_rows(first, share)
+    n = num_rows(x)
+    return [
+        batch_to(take_rows(x if y is None else (x, y), slice(i, i + 250)), device)
+        for i in range(0, n, 250)
+    ]
+
+
+TEACHER_FILE = "teacher.safetensors"
+
+
+def _fingerprint(model: nn.Module, data: DataBundle) -> str:
+    """sha256 of the dense weights and the data's name and sizes (keys the teacher cache)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{data.name}|{data.n_train}|{data.n_val}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def _outputs_on(model: nn.Module, task: Task, inputs, batch: int = 256) -> torch.Tensor:
+    device = next(model.parameters()).device
+    outs = [
+        task.forward(model, batch_to(take_rows(inputs, slice(i, i + batch)), device))
+        .detach()
+        .float()
+        .cpu()
+        for i in range(0, num_rows(inputs), batch)
+    ]
+    return torch.cat(outs)
+
+
+def teacher_outputs(model: nn.Module, task: Task, data: DataBundle, cache=None) -> dict:
+    """The dense model's outputs {'train', 'val'} (float32, CPU) on every input, eval mode.
+
+    cache: a file path; its outputs are reused when they were made from the same weights
+    and data (sha256 fingerprint in the metadata), else computed and written there.
+    """
+    from pathlib import Path
+
+    from prunekit.prune.state import save_tensors
+
+    fingerprint = _fingerprint(model, data)
+    if cache is not None and Path(cache).is_file():
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(cache), framework="pt") as f:
+            same = (f.metadata() or {}).get("prunekit.fingerprint") == fingerprint
+        if same:
+            log.info("reusing the dense model's outputs from %s", cache)
+            return load_file(str(cache))
+    was_training = model.training
+    model.eval()
+    try:
+        out = {"train": _outputs_on(model, task, data.x_train)}
+        out["val"] = _outputs_on(model, task, data.x_val)
+    finally:
+        model.train(was_training)
+    if cache is not None:
+        meta = {"prunekit.kind": "teacher", "prunekit.fingerprint": fingerprint}
+        save_tensors(Path(cache), out, meta)
+    return out
+
+
+def prepare_task(model, data: DataBundle, settings: PruneSettings, task=None, cache=None):
+    """(task, data, teacher outputs or None) for a run.
+
+    task: a Task or user object given through the API, else ``settings.task_spec`` is
+    imported, else the built-in task for ``settings.loss`` / the data's labels. With
+    loss 'distill' the data's targets become the dense model's outputs (``teacher_outputs``,
+    cached at ``cache``) and the task a ``DistillationTask`` around the base task.
+    Raises PrunekitError subclasses (one line) for tasks or data that cannot work.
+    """
+    from prunekit.tasks import (
+        DistillationTask,
+        as_task,
+        base_task,
+        check_distillable,
+        load_task,
+        resolve_metric,
+    )
+
+    user = as_task(task) if task is not None else None
+    if user is None and settings.task_spec:
+        user = load_task(settings.task_spec)
+    base = base_task(settings.loss, data.kind, user)
+    if settings.loss != "distill":
+        return base, data, None
+    outputs = check_data_fits(model, data, base, loss=False)
+    metric = resolve_metric(settings.distill_metric, data.kind == "classification")
+    check_distillable(outputs, metric)
+    distill = DistillationTask(base, metric, settings.temperature)
+    teacher = teacher_outputs(model, base, data, cache)
+    targets = {k: distill.prepare(v) for k, v in teacher.items()}
+    return distill, data.with_targets(targets["train"], targets["val"], "distill"), teacher
 
 
 def resolve_device(device: str) -> torch.device:
@@ -210,7 +322,7 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
             f"{settings.criterion!r} with fisher {crit.fisher!r}"
         )
     if crit.uses_curvature:
-        check_labels(resolved_labels(crit, task), task, crit.samples)
+        _check_label_source(resolved_labels(crit, task), task, data, crit.samples)
     sparsities = schedule(settings.sparsity, settings.steps, settings.schedule)
     if settings.scope not in SCOPES:
         raise choice_error("scope", settings.scope, SCOPES)
@@ -220,8 +332,33 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     settings.finetune_settings(settings.final_epochs)
     log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
     targets = find_targets(model, settings.include, settings.exclude)
-    check_data_fits(model, data)
+    check_data_fits(model, data, task)
     return crit, sparsities, targets
+
+
+def _check_label_source(labels: str, task: Task, data: DataBundle, samples: int) -> None:
+    """The Fisher labels must exist for this task and data (one-line errors otherwise)."""
+    from prunekit.errors import DataError
+
+    if labels == "exact" and not task.categorical:
+        raise SettingError(
+            f"Fisher labels 'exact' need a categorical output (a classifier or --loss distill "
+            f"with kl), not a {task.kind!r} task; use --fisher-labels sampled or empirical"
+        )
+    if labels == "sampled" and not task.can_sample:
+        raise SettingError(
+            "Fisher labels 'sampled' need a task with sample(outputs, generator); "
+            "use --fisher-labels empirical"
+        )
+    if labels == "empirical":
+        try:
+            task.targets(data.first_train(1, 1)[0])
+        except (KeyError, IndexError, TypeError) as exc:
+            raise DataError(
+                f"Fisher labels 'empirical' need labels, and data {data.name!r} has inputs only "
+                "(use --fisher-labels sampled, or --loss distill)"
+            ) from exc
+    check_labels(labels, task, samples)
 
 
 def _eval(model: nn.Module, task: Task, data: DataBundle) -> dict:
@@ -248,10 +385,11 @@ class NtkLog:
     def __init__(self, model, task, data: DataBundle, settings: PruneSettings, targets):
         from prunekit.analysis import select_probe
 
-        self.model, self.kind, self.names = model, task.kind, list(targets)
+        self.model, self.names = model, list(targets)
+        self.kind = "classification" if data.kind == "classification" else "regression"
         self.probe = select_probe(
-            len(data.x_train),
-            len(data.x_val),
+            data.n_train,
+            data.n_val,
             settings.probe_train,
             settings.probe_val,
             seed=settings.seed,
@@ -408,22 +546,32 @@ def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, lis
         torch.Generator().manual_seed(settings.seed),
         progress,
     )
-    outputs = data.num_classes if data.kind == "classification" else data.y_train[0].numel()
     run.use_recalibration = (
         has_batchnorm(model) if settings.recalibrate_bn is None else settings.recalibrate_bn
     )
-    scripted = isinstance(model, torch.jit.ScriptModule)
-    if settings.ntk and scripted:
-        raise SettingError(
-            "--ntk needs an eager nn.Module, not a TorchScript archive; use --no-ntk"
-        )
+    unsupported = _ntk_unsupported(model, task, data)
+    if settings.ntk and unsupported:
+        raise SettingError(f"--ntk needs {unsupported}; use --no-ntk")
     use_ntk = settings.ntk
     if use_ntk is None:
+        outputs = data.num_classes if data.kind == "classification" else data.y_train[0].numel()
         cheap = ntk_is_cheap(outputs, sum(t.numel for t in targets.values()))
-        use_ntk = cheap and not scripted
+        use_ntk = cheap and not unsupported
     if use_ntk:
         run.ntk = NtkLog(model, task, data, settings, targets)
     return run, crit, sparsities
+
+
+def _ntk_unsupported(model: nn.Module, task: Task, data: DataBundle) -> str | None:
+    """Why the NTK log cannot run on this model/task/data, or None when it can."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return "an eager nn.Module, not a TorchScript archive"
+    if isinstance(data.x_train, dict) or data.y_train is None:
+        return "tensor inputs and targets (this data has dict inputs or no targets)"
+    runner = task.base if task.kind == "distill" else task
+    if type(runner) is not Task and runner.kind not in ("classification", "regression"):
+        return f"a built-in task (outputs = model(inputs)), not a {runner.kind!r} task"
+    return None
 
 
 def _ntk_now(run: _Run, step: int, phase: str, sparsity: float):
@@ -568,7 +716,15 @@ def run_pruning(
     uninterrupted run.
     """
     start = time.perf_counter()
-    task = task or make_task(data.kind)
+    cache = None
+    if state_dir is not None:
+        from pathlib import Path
+
+        from prunekit.prune.state import STATE_DIR
+
+        cache = Path(state_dir) / STATE_DIR / TEACHER_FILE
+    model.to(resolve_device(settings.device))
+    task, data, teacher = prepare_task(model, data, settings, task, cache)
     run, crit, sparsities = _start_run(model, data, settings, task, progress)
     device = next(model.parameters()).device
     score_batches = score_batches_of(data, settings.score_examples, device)
@@ -598,9 +754,18 @@ def run_pruning(
     )
     report["ntk"] = {"enabled": run.ntk is not None, "final_alignment": final_ntk}
     report["bn_recalibration"] = run.use_recalibration
+    report["task"] = _task_report(task, settings)
     ntk_records = run.ntk.records if run.ntk is not None else []
     probe = run.ntk.probe if run.ntk is not None else None
-    return PruneResult(model, run.masks, report, run.rows, ntk_records, probe)
+    return PruneResult(model, run.masks, report, run.rows, ntk_records, probe, teacher)
+
+
+def _task_report(task: Task, settings: PruneSettings) -> dict:
+    """report.json 'task': kind, the user task's spec, and distillation settings."""
+    out = {"kind": task.kind, "spec": settings.task_spec, "loss": settings.loss}
+    if task.kind == "distill":
+        out.update(distill_metric=task.metric, temperature=task.temperature)
+    return out
 
 
 _GATES = {"LSTM": ("input", "forget", "cell", "output"), "GRU": ("reset", "update", "new")}
@@ -689,6 +854,9 @@ def write_run(out, result: PruneResult, arch: str | None, data_name: str) -> lis
         from prunekit.analysis.probe import save_probe
 
         extra += [write_jsonl(out / "ntk.jsonl", result.ntk), save_probe(out, result.probe)]
+    if result.teacher is not None:
+        teacher_meta = {"prunekit.kind": "teacher", "prunekit.data": data_name}
+        extra.append(save_tensors(out / TEACHER_FILE, result.teacher, teacher_meta))
     return extra + [
         save_tensors(out / "model.safetensors", state, meta),
         save_masks(out / "masks.safetensors", result.masks, meta),
@@ -747,9 +915,11 @@ def prune(model: nn.Module, data, task: Task | None = None, out=None, **settings
 
 
 def _scoring_inputs(model, data, task, examples: int, include=(), exclude=()):
+    from prunekit.tasks import as_task, base_task
+
     bundle = resolve_data(data)
-    task = task or make_task(bundle.kind)
-    check_data_fits(model, bundle)
+    task = base_task("auto", bundle.kind, as_task(task) if task is not None else None)
+    check_data_fits(model, bundle, task)
     targets = find_targets(model, tuple(include), tuple(exclude))
     return bundle.first_train(examples), task, targets
 
@@ -818,12 +988,12 @@ def export_model(
     from prunekit.export import export_onnx, write_receipt
 
     path = Path(path)
-    x_val = data.x_val[:512]
+    x_val = take_rows(data.x_val, slice(0, 512))
     y_val = data.y_val[:512] if data.kind == "classification" else None
     receipt = export_onnx(
         model,
         path,
-        example_input=x_val[:8],
+        example_input=take_rows(x_val, slice(0, 8)),
         storage=storage,
         quantize=quantize,
         opset=opset,
@@ -1048,7 +1218,7 @@ def explain_recipe(recipe: dict) -> dict:
     settings = settings_from_recipe(recipe)
     crit = make_run_criterion(settings)
     data = load_data(recipe["data"], seed=recipe["seed"])
-    n_train, n_score = len(data.x_train), min(settings.score_examples, len(data.x_train))
+    n_train, n_score = data.n_train, min(settings.score_examples, data.n_train)
     total = sum(checked["targets"].values()) if checked["targets"] else None
     terms = _label_terms(crit, max(data.num_classes, 1)) if crit.uses_curvature else 0
     rows = []

@@ -43,18 +43,40 @@ class Target:
 
 
 def batch_inputs(batch: Batch) -> Any:
-    """The model inputs of an ``(inputs, targets)`` batch, or the batch itself otherwise."""
+    """The model inputs of an ``(inputs, targets)`` batch, or the batch itself otherwise.
+
+    Inputs are a tensor or a dict of tensors (keyword arguments of the model).
+    """
     if isinstance(batch, (tuple, list)):
         return batch[0]
     return batch
 
 
-def batch_size(batch: Batch) -> int:
-    """Number of examples in a batch (size of the leading dimension of its inputs)."""
-    inputs = batch_inputs(batch)
+def num_rows(inputs: Any) -> int:
+    """Size of the leading (example) dimension of a tensor or of a dict of tensors."""
     if isinstance(inputs, dict):
         inputs = next(iter(inputs.values()))
     return int(inputs.shape[0])
+
+
+def batch_size(batch: Batch) -> int:
+    """Number of examples in a batch (size of the leading dimension of its inputs)."""
+    return num_rows(batch_inputs(batch))
+
+
+def take_rows(value: Any, index: Any) -> Any:
+    """``value[index]`` along dim 0 for a tensor, or for every tensor of a (nested) batch.
+
+    index: a slice, an index tensor or a strided slice (``rank::world``); non-tensor
+    leaves are returned unchanged.
+    """
+    if isinstance(value, Tensor):
+        return value[index]
+    if isinstance(value, (tuple, list)):
+        return type(value)(take_rows(v, index) for v in value)
+    if isinstance(value, dict):
+        return {k: take_rows(v, index) for k, v in value.items()}
+    return value
 
 
 def batch_to(batch: Batch, device: torch.device | str) -> Batch:
@@ -68,24 +90,47 @@ def batch_to(batch: Batch, device: torch.device | str) -> Batch:
     return batch
 
 
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict of tensors, ``model(inputs)`` otherwise."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
 class Task:
     """The only model-specific glue: how to run the model on a batch and score its outputs.
 
-    Batches are ``(inputs, targets)``. ``loss`` is the scalar mean training loss; ``nll``
-    is the per-example negative log-likelihood whose gradient is the per-example score
-    used by every Fisher estimator; ``sample`` draws targets from the model's predictive
-    distribution (for the true Fisher).
+    Public protocol (what a user task implements): ``forward(model, batch) -> outputs``,
+    ``loss(outputs, batch) -> scalar mean``, optionally ``sample(outputs, generator) ->
+    targets`` (for the sampled true Fisher) and ``metrics(outputs, batch)``. Batches are a
+    tensor, a dict of tensors, or ``(inputs, targets)`` with inputs a tensor or a dict.
+
+    The Fisher estimators use ``example_losses`` (per-example losses whose sum is the
+    batch's total), ``targets``/``with_targets`` (where the labels live in a batch) and, for
+    categorical predictive distributions, ``exact_terms``. The defaults here handle
+    ``(inputs, targets)`` tuples and dicts with a ``labels`` entry.
     """
 
-    kind = "classification"
+    kind = "custom"
+    label_key = "labels"
 
-    def forward(self, model: nn.Module, batch: Batch) -> Tensor:
-        """Outputs of ``model`` on the batch's inputs."""
-        return model(batch_inputs(batch))
+    def forward(self, model: nn.Module, batch: Batch) -> Any:
+        """Outputs of ``model`` on the batch's inputs (dict inputs as keyword arguments)."""
+        return call_model(model, batch_inputs(batch))
 
-    def targets(self, batch: Batch) -> Tensor:
-        """The data's targets of a batch."""
-        return batch[1]
+    def targets(self, batch: Batch) -> Any:
+        """The data's targets of a batch: ``batch[1]``, or ``batch[label_key]`` for dicts."""
+        if isinstance(batch, dict):
+            return batch[self.label_key]
+        if isinstance(batch, (tuple, list)):
+            return batch[1]
+        raise KeyError("the batch holds inputs only (no targets)")
+
+    def with_targets(self, batch: Batch, targets: Any) -> Batch:
+        """The same batch with other targets (sampled labels, for instance)."""
+        if isinstance(batch, dict):
+            return {**batch, self.label_key: targets}
+        return (batch_inputs(batch), targets)
 
     def position_mask(self, batch: Batch) -> Tensor | None:
         """(N, T) bool, True = a real token, for models fed padded sequences; else None.
@@ -99,31 +144,69 @@ class Task:
             return inputs["attention_mask"].bool()
         return None
 
-    def with_targets(self, batch: Batch, targets: Tensor) -> Batch:
-        """The same batch with other targets (sampled labels, for instance)."""
-        return (batch_inputs(batch), targets)
-
-    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Per-example negative log-likelihood, shape (N,)."""
+    def nll(self, outputs: Tensor, targets: Any) -> Tensor:
+        """Per-example negative log-likelihood, shape (N,) (built-in tasks)."""
         raise NotImplementedError
 
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+    def loss(self, outputs: Any, batch: Batch) -> Tensor:
         """Scalar mean training loss of the batch."""
         return self.nll(outputs, self.targets(batch)).mean()
 
-    def sample(self, outputs: Tensor, generator: torch.Generator) -> Tensor:
+    def example_losses(self, outputs: Any, batch: Batch) -> Tensor:
+        """Per-example losses (N,) whose sum is the batch's total loss.
+
+        Default: ``nll`` when the task defines it, else ``loss * N`` as one value (correct
+        for the Fisher whenever the loss is a mean of per-example terms, since only the
+        sum's gradient is taken; per-example structure comes from the batch itself).
+        """
+        if type(self).nll is not Task.nll:
+            return self.nll(outputs, self.targets(batch))
+        return (self.loss(outputs, batch) * batch_size(batch)).reshape(1)
+
+    @property
+    def categorical(self) -> bool:
+        """True when ``exact_terms`` is available (a categorical predictive distribution)."""
+        return False
+
+    def exact_terms(self, outputs: Tensor) -> list[Tensor]:
+        """Per-class terms -sqrt(p_c) log p_c, each (N,): their squared gradients summed
+        over classes give the exact (true) Fisher of a categorical predictive distribution."""
+        raise NotImplementedError
+
+    @property
+    def can_sample(self) -> bool:
+        """True when ``sample`` is implemented (the sampled true Fisher is available)."""
+        return type(self).sample is not Task.sample
+
+    def sample(self, outputs: Tensor, generator: torch.Generator) -> Any:
         """Targets drawn from the model's predictive distribution, one per example."""
         raise NotImplementedError
 
-    def metrics(self, outputs: Tensor, batch: Batch) -> dict[str, float]:
-        """Sums over the batch: ``loss`` (of ``nll``) and, for classifiers, ``correct``."""
-        return {"loss": float(self.nll(outputs, self.targets(batch)).sum())}
+    def metrics(self, outputs: Any, batch: Batch) -> dict[str, float]:
+        """Sums over the batch: ``loss`` and, for classifiers, ``correct``."""
+        return {"loss": float(self.example_losses(outputs, batch).detach().sum())}
+
+
+def categorical_terms(logits: Tensor) -> list[Tensor]:
+    """-sqrt(p_c) log p_c per class c of softmax(logits) (N, C); each term (N,)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    root_p = logp.detach().exp().sqrt()
+    return [-(logp[:, c] * root_p[:, c]) for c in range(logp.shape[-1])]
 
 
 class ClassificationTask(Task):
     """Softmax classifier: outputs are logits (N, C), targets class indices (N,)."""
 
     kind = "classification"
+
+    @property
+    def categorical(self) -> bool:
+        """Exact Fisher available: the predictive distribution is softmax(outputs)."""
+        return True
+
+    def exact_terms(self, outputs: Tensor) -> list[Tensor]:
+        """-sqrt(p_c) log p_c per class, p = softmax(outputs)."""
+        return categorical_terms(outputs)
 
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Cross-entropy per example, shape (N,)."""
