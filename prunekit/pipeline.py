@@ -1031,8 +1031,11 @@ def recipe_choices() -> dict:
     from prunekit.export import QUANTIZE_MODES, STORAGE_MODES
     from prunekit.finetune import OPTIMIZERS
     from prunekit.prune.schedules import SCHEDULES
+    from prunekit.tasks import DISTILL_METRICS, LOSSES
 
     return {
+        "loss": LOSSES,
+        "distill_metric": DISTILL_METRICS,
         "criterion": CRITERIA,
         "fisher": ESTIMATORS,
         "labels": LABELS,
@@ -1081,6 +1084,10 @@ def settings_from_recipe(recipe: dict) -> PruneSettings:
         recalibrate_bn=recipe["finetune"]["recalibrate_bn"],
         ntk=an["ntk"],
         ntk_every=an["ntk_every"],
+        loss=recipe["task"]["loss"],
+        distill_metric=recipe["task"]["distill_metric"],
+        temperature=float(recipe["task"]["temperature"]),
+        task_spec=recipe["task"]["spec"],
     )
 
 

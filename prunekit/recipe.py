@@ -75,6 +75,12 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "checkpoint": _f(OPT_STR, None, "checkpoint path, relative to the recipe file"),
         "arch": _f(OPT_STR, None, "module:factory[?k=v] for a state_dict checkpoint"),
     },
+    "task": {
+        "spec": _f(OPT_STR, None, "module:factory of a user task (forward, loss)"),
+        "loss": _f(str, "auto", "auto, classification, regression or distill", choices="loss"),
+        "distill_metric": _f(str, "auto", "distillation metric", choices="distill_metric"),
+        "temperature": _f(NUM, 1.0, "KL temperature for distillation", low=0, low_open=True),
+    },
     "targets": {
         "include": _f(list, [], "glob patterns of parameter names to prune"),
         "exclude": _f(list, [], "glob patterns of parameter names never pruned"),
@@ -123,6 +129,10 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         ),
         "max_accuracy_drop": _f((*NUM, type(None)), None, "max accuracy drop vs dense, points"),
         "max_loss_increase": _f((*NUM, type(None)), None, "max validation loss increase"),
+        "min_cosine": _f(
+            (*NUM, type(None)), None, "min cosine similarity to the dense outputs (distill)",
+            low=-1, high=1,
+        ),
         "max_export_bytes": _f((int, type(None)), None, "max ONNX file size, bytes", low=1),
         "max_export_ratio": _f(
             (*NUM, type(None)), None, "max ONNX bytes / dense fp32 bytes", low=0, low_open=True
@@ -354,6 +364,8 @@ def _measured(name: str, report: dict, receipt: dict | None):
         return None if dense is None else 100.0 * (dense - tuned)
     if name == "max_loss_increase":
         return metrics["finetuned"]["loss"] - metrics["dense"]["loss"]
+    if name == "min_cosine":
+        return metrics["finetuned"].get("cosine")
     if receipt is None:
         return None
     if name == "max_export_bytes":
@@ -369,8 +381,9 @@ def _measured(name: str, report: dict, receipt: dict | None):
 def evaluate_checks(checks: dict, report: dict, receipt: dict | None = None) -> list[dict]:
     """Each configured gate as {check, limit, value, passed}; unset gates are skipped.
 
-    min_sparsity passes when value >= limit; export_parity when the parity check held (if
-    required); every max_* gate when value <= limit. A value that cannot be measured fails.
+    min_sparsity and min_cosine pass when value >= limit; export_parity when the parity
+    check held (if required); every max_* gate when value <= limit. A value that cannot be
+    measured fails.
     """
     rows = []
     for name, limit in checks.items():
@@ -384,6 +397,8 @@ def evaluate_checks(checks: dict, report: dict, receipt: dict | None = None) -> 
             passed = params["zeros"] >= round(limit * params["prunable"])
         elif name == "export_parity":
             passed = bool(value)
+        elif name == "min_cosine":
+            passed = value >= limit
         else:
             passed = value <= limit
         rows.append({"check": name, "limit": limit, "value": value, "passed": passed})
