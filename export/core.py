@@ -13,11 +13,11 @@ import onnx
 from onnx import numpy_helper
 from torch import Tensor, nn
 
-from prunekit.errors import ModelError, RunDirError
+from prunekit.errors import ModelError, RunDirError, SettingError
 from prunekit.prune.masks import masks_from_weights
 
 from . import cleanup as clean
-from .exporters import DEFAULT_OPSET, export_proto, opset_of
+from .exporters import DEFAULT_OPSET, Example, as_example, export_proto, graph_inputs, opset_of
 from .graph import apply_storage, decoded_value
 from .match import count_pruned, float_params, match_initializers
 from .receipt import MEMORY_NOTE
@@ -104,6 +104,21 @@ def _build(net, masks, example, storage, quantize, opset, exporter) -> tuple:
     return dense, stored, rows, expected, missing, used
 
 
+def _examples(model: nn.Module, example_input, verify_inputs) -> tuple[Example, Example]:
+    """(example, verification inputs), checked; the latter defaults to the former and must
+    have the same form (tensor, or dict with the same keys)."""
+    example = as_example(model, example_input)
+    if verify_inputs is None:
+        return example, example
+    inputs = as_example(model, verify_inputs, "verify_inputs")
+    if isinstance(example, dict) != isinstance(inputs, dict) or (
+        isinstance(example, dict) and set(example) != set(inputs)
+    ):
+        want = f"a dict with keys {', '.join(example)}" if isinstance(example, dict) else "a tensor"
+        raise SettingError(f"verify_inputs must be like example_input: {want}")
+    return example, inputs
+
+
 def _write_verified(stored, path: Path, verify_fn) -> tuple[dict, float]:
     """Save to a temp file beside ``path``, verify it, then rename; nothing left on failure."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -122,12 +137,12 @@ def _write_verified(stored, path: Path, verify_fn) -> tuple[dict, float]:
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
-    example_input: Tensor,
+    example_input: Example,
     storage: str = "packed",
     quantize: str | None = None,
     opset: int | None = None,
     masks: dict[str, Tensor] | None = None,
-    verify_inputs: Tensor | None = None,
+    verify_inputs: Example | None = None,
     verify_targets: Tensor | None = None,
     cleanup: bool = True,
     latency: bool = True,
@@ -139,11 +154,16 @@ def export_onnx(
     """Export a pruned model to ONNX at ``path``, verify it, and return the receipt.
 
     model: any nn.Module (left untouched; a CPU eval copy is exported). example_input:
-    a tensor [N, ...] whose dim 0 is the batch (exported as dynamic). masks: parameter name
+    a tensor [N, ...] whose dim 0 is the batch (graph input 'input', dim 0 dynamic), or a
+    dict name -> tensor [N, ...] passed as ``model(**example_input)`` (graph inputs named
+    after the keys in the dict's order, dtypes kept; dim 0 dynamic 'batch', dim 1 dynamic
+    'sequence' for integer/bool inputs of rank >= 2 and float ones of the same length;
+    see exporters.input_axes). masks: parameter name
     -> bool tensor (True = keep); None reads them off the zeros of the default targets.
     storage: one of STORAGE_MODES; quantize: None or 'int8' (packed only); opset: ONNX opset
-    (default 18). verify_inputs/verify_targets: [N, ...] inputs (default: example_input)
-    and class indices [N] for the int8 accuracy change. cleanup: fold BatchNorm and remove
+    (default 18). verify_inputs/verify_targets: [N, ...] inputs of the same form as
+    example_input (a dict with the same keys; default: example_input) and class indices
+    [N] for the int8 accuracy change. cleanup: fold BatchNorm and remove
     dead units first. latency: time onnxruntime and PyTorch at batch 1 and 64 (ms).
     Raises SettingError/RunDirError/ModelError (exit 2) before writing anything, or
     VerificationError (exit 1) after verification fails; on failure no file is at ``path``.
@@ -154,12 +174,11 @@ def export_onnx(
     check_opset(opset, storage, quantize)
     path = Path(path)
     _check_path(path, overwrite)
+    example, inputs = _examples(model, example_input, verify_inputs)
     ref, net, net_masks, record = _prepare(model, masks, cleanup)
-    example = example_input.detach().cpu()
     dense, stored, rows, expected, missing, used = _build(
         net, net_masks, example, storage, quantize, opset, exporter
     )
-    inputs = example if verify_inputs is None else verify_inputs.detach().cpu()
 
     def verify(tmp: str) -> tuple[dict, float]:
         written = onnx.load(tmp)
@@ -176,7 +195,7 @@ def export_onnx(
     dense_bytes = 4 * record["params_before"]
     receipt = {
         "path": str(path), "storage": storage, "quantize": quantize, "exporter": used,
-        "opset": opset_of(stored),
+        "opset": opset_of(stored), "inputs": graph_inputs(stored),
         "bytes": {"file": size, "dense_fp32": dense_bytes, "ratio": size / dense_bytes},
         "tensors": rows, "unmatched_weights": missing, "cleanup": record,
         "verification": verification, "session_creation_s": created, "memory_note": MEMORY_NOTE,

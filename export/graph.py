@@ -13,7 +13,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .storage import (
-    PACK_OVERHEAD_BYTES,
     dequantize_int8,
     pack,
     packed_bytes,
@@ -133,31 +132,39 @@ def _sparse(name: str, array: np.ndarray) -> onnx.SparseTensorProto:
     )
 
 
+def _serialized(*protos) -> int:
+    """Bytes the protos add to the file (the graph's own framing aside)."""
+    return sum(p.ByteSize() for p in protos)
+
+
 def apply_storage(
     model: onnx.ModelProto, candidates: list[Candidate], storage: str, quantize: str | None
 ) -> list[dict]:
     """Rewrite ``model`` in place; return one receipt row per candidate.
 
-    A tensor is converted only when the mode's payload plus overhead is smaller than its
-    dense bytes (its break-even sparsity); otherwise it stays dense and its row says so.
+    A tensor is converted only when its serialized replacement (payload plus the decode
+    nodes and small initializers, with their names) is smaller than the serialized dense
+    initializer; otherwise it stays dense and its row says so. Node and tensor names make
+    that overhead several hundred bytes, more than a small tensor saves at low sparsity.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     rows, front, drop = [], [], set()
     for cand in candidates:
         array = numpy_helper.to_array(inits[cand.onnx_name])
-        dense = array.nbytes
-        row = _row(cand, array, "dense", dense)
+        dense = inits[cand.onnx_name].ByteSize()
+        row = _row(cand, array, "dense", array.nbytes)
         if storage == "sparse":
-            nnz = int(np.count_nonzero(array))
-            if sparse_bytes(nnz, array.itemsize) + PACK_OVERHEAD_BYTES < dense:
-                graph.sparse_initializer.append(_sparse(cand.onnx_name, array))
+            sparse = _sparse(cand.onnx_name, array)
+            if _serialized(sparse) < dense:
+                graph.sparse_initializer.append(sparse)
                 drop.add(cand.onnx_name)
+                nnz = int(np.count_nonzero(array))
                 row = _row(cand, array, "sparse", sparse_bytes(nnz, array.itemsize))
         elif storage == "packed":
             axis = cand.axis if quantize == "int8" else None
             nodes, new, nbytes = packed_subgraph(cand.onnx_name, array, axis)
-            if nbytes + PACK_OVERHEAD_BYTES < dense:
+            if _serialized(*nodes, *new) < dense:
                 front += nodes
                 graph.initializer.extend(new)
                 drop.add(cand.onnx_name)

@@ -26,9 +26,6 @@ QUANTIZE_MODES = ("int8",)
 QUANT_STORAGE = {"int8": ("packed",)}  # storage modes a quantize mode works with
 MIN_OPSET = {"dense": 7, "sparse": 11, "packed": 11, "int8": 13}
 
-# A packed tensor adds ~6 nodes and 4 small initializers; below this many saved bytes the
-# protobuf overhead eats the gain, so the tensor stays dense.
-PACK_OVERHEAD_BYTES = 256
 MAX_DELTA = 255  # uint8
 
 

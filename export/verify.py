@@ -16,7 +16,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
-from prunekit.errors import VerificationError
+from prunekit.errors import SettingError, VerificationError, first_line
 
 FP32_TOL = 1e-5
 
@@ -36,16 +36,55 @@ def session(source: str | bytes) -> tuple[ort.InferenceSession, float]:
     return sess, time.perf_counter() - start
 
 
-def run_onnx(sess: ort.InferenceSession, x: Tensor) -> np.ndarray:
-    """First output of ``sess`` on input ``x`` (float32)."""
-    name = sess.get_inputs()[0].name
-    return sess.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})[0]
+# onnxruntime input type -> numpy dtype to feed (anything else is fed as float32)
+_NUMPY = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}  # fmt: skip
 
 
-def run_torch(net: nn.Module, x: Tensor) -> np.ndarray:
-    """First output of ``net`` on ``x`` in inference mode, as numpy."""
+def _dtype(arg) -> type:
+    return _NUMPY.get(arg.type, np.float32)
+
+
+def n_rows(x: Tensor | dict[str, Tensor]) -> int:
+    """Batch size (dim 0) of a tensor or of the first tensor of a dict."""
+    return int((next(iter(x.values())) if isinstance(x, dict) else x).shape[0])
+
+
+def feeds(sess: ort.InferenceSession, x: Tensor | dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """onnxruntime feeds: a tensor goes to the first graph input, a dict's entries to the
+    graph inputs of the same names; each is cast to the numpy dtype its input declares
+    (float32 for 'input', int64 for token ids, bool or int64 for masks as exported).
+    Entries the graph does not take (inputs the model ignores) are left out."""
+    inputs = sess.get_inputs()
+    if not isinstance(x, dict):
+        return {inputs[0].name: x.detach().cpu().numpy().astype(_dtype(inputs[0]))}
+    missing = [i.name for i in inputs if i.name not in x]
+    if missing:
+        raise SettingError(
+            f"inputs lack {missing} that the ONNX graph takes; given keys: {', '.join(x)}"
+        )
+    return {i.name: x[i.name].detach().cpu().numpy().astype(_dtype(i)) for i in inputs}
+
+
+def _shapes(x: Tensor | dict[str, Tensor]) -> str:
+    if isinstance(x, dict):
+        return ", ".join(f"{k} {tuple(v.shape)}" for k, v in x.items())
+    return str(tuple(x.shape))
+
+
+def run_onnx(sess: ort.InferenceSession, x: Tensor | dict[str, Tensor]) -> np.ndarray:
+    """First output of ``sess`` on input ``x`` (a tensor, or a dict of named inputs)."""
+    return sess.run(None, feeds(sess, x))[0]
+
+
+def run_torch(net: nn.Module, x: Tensor | dict[str, Tensor]) -> np.ndarray:
+    """First output of ``net`` on ``x`` (a dict is passed as keyword arguments) in
+    inference mode, as numpy."""
     with torch.inference_mode():
-        out = net(x)
+        out = net(**x) if isinstance(x, dict) else net(x)
     if isinstance(out, (tuple, list)):
         out = out[0]
     return out.detach().cpu().numpy()
@@ -72,22 +111,31 @@ def _accuracy(out: np.ndarray, targets: Tensor | None) -> float | None:
 def parity(
     sess: ort.InferenceSession,
     ref: nn.Module,
-    inputs: Tensor,
+    inputs: Tensor | dict[str, Tensor],
     targets: Tensor | None,
     quantized: bool,
     max_accuracy_drop: float | None,
 ) -> dict:
-    """Compare onnxruntime with the PyTorch pruned model on ``inputs`` [N, ...].
+    """Compare onnxruntime with the PyTorch pruned model on ``inputs`` [N, ...] (a tensor,
+    or a dict of named tensors passed as keyword arguments).
 
     fp32: max abs diff must be <= 1e-5. int8: the accuracy change (onnx - torch, as a
     fraction, on ``targets``) is reported and checked against ``max_accuracy_drop`` if set.
     Raises VerificationError with the numbers on failure.
     """
-    got, want = run_onnx(sess, inputs), run_torch(ref, inputs)
+    feed = feeds(sess, inputs)
+    try:
+        got = sess.run(None, feed)[0]
+    except Exception as exc:  # onnxruntime raises its own unrelated exception types
+        raise VerificationError(
+            "onnxruntime cannot run the exported model on the verification inputs "
+            f"(shapes {_shapes(inputs)}): {first_line(exc)}"
+        ) from exc
+    want = run_torch(ref, inputs)
     if got.shape != want.shape:
         raise VerificationError(f"onnx output shape {got.shape} != pytorch {want.shape}")
     diff = float(np.abs(got.astype(np.float64) - want).max()) if got.size else 0.0
-    out = {"n_inputs": int(inputs.shape[0]), "max_abs_diff": diff}
+    out = {"n_inputs": n_rows(inputs), "max_abs_diff": diff}
     if not np.isfinite(got).all():
         raise VerificationError("onnxruntime produced non-finite outputs")
     acc_t, acc_o = _accuracy(want, targets), _accuracy(got, targets)
@@ -135,11 +183,11 @@ def decoded_weights(model: onnx.ModelProto, names: list[str]) -> dict[str, np.nd
     out = {n: sparse[n] for n in names if n in sparse}
     if wanted:
         sess, _ = session(probe.SerializeToString())
-        feeds = {}
+        zeros = {}  # any valid input: weights do not depend on it (dynamic dims -> 1)
         for inp in sess.get_inputs():
             shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-            feeds[inp.name] = np.zeros(shape, np.float32)
-        values = sess.run(wanted, feeds)
+            zeros[inp.name] = np.zeros(shape, _dtype(inp))
+        values = sess.run(wanted, zeros)
         out.update(zip(wanted, values, strict=True))
     return out
 
@@ -182,22 +230,30 @@ def latency_ms(fn, runs: int = 50, warmup: int = 5) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
 
 
-def batch_of(example: Tensor, size: int) -> Tensor:
-    """``size`` copies of the first example of ``example`` [N, ...] along dim 0."""
+def batch_of(example: Tensor | dict[str, Tensor], size: int) -> Tensor | dict[str, Tensor]:
+    """``size`` copies of the first example of ``example`` [N, ...] along dim 0 (of every
+    tensor of a dict)."""
+    if isinstance(example, dict):
+        return {k: batch_of(v, size) for k, v in example.items()}
     return example[:1].expand(size, *example.shape[1:]).contiguous()
 
 
-def latencies(sessions: dict, ref: nn.Module, example: Tensor, runs: int = 50) -> dict:
-    """{runner: {'batch1'|'batch64': {'p50_ms', 'p90_ms'}}} for onnx sessions and PyTorch."""
+def latencies(
+    sessions: dict, ref: nn.Module, example: Tensor | dict[str, Tensor], runs: int = 50
+) -> dict:
+    """{runner: {'batch1'|'batch64': {'p50_ms', 'p90_ms'}}} for onnx sessions and PyTorch.
+
+    example: a tensor or a dict of named inputs (keyword arguments of ``ref``); its first
+    example repeated makes each batch.
+    """
     out = {}
     for size in (1, 64):
         x = batch_of(example, size)
-        feed = x.numpy().astype(np.float32)
         for label, sess in sessions.items():
-            name = sess.get_inputs()[0].name
             out.setdefault(label, {})[f"batch{size}"] = latency_ms(
-                lambda s=sess, f={name: feed}: s.run(None, f), runs
+                lambda s=sess, f=feeds(sess, x): s.run(None, f), runs
             )
+        call = (lambda x=x: ref(**x)) if isinstance(x, dict) else (lambda x=x: ref(x))
         with torch.inference_mode():
-            out.setdefault("pytorch", {})[f"batch{size}"] = latency_ms(lambda x=x: ref(x), runs)
+            out.setdefault("pytorch", {})[f"batch{size}"] = latency_ms(call, runs)
     return out
