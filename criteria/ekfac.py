@@ -233,7 +233,7 @@ def fit_scaling(
     stream = stream_rows(
         model, task, layers, batches, labels=labels, samples=samples, generator=generator
     )
-    for n, acts, terms in stream:
+    for n, acts, _, terms in stream:  # S sums positions: no 1/T_n (module docstring)
         rows = {t: a if keep[t] is not None else _project(a, u_a[t]) for t, a in acts.items()}
         for grads in terms:
             for t, g in grads.items():

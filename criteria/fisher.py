@@ -8,6 +8,13 @@ Labels (where the per-example gradient's targets come from):
 
 The diagonal is (1/N) sum_i sum_terms (d term_i / d theta)^2 over all N examples seen, so a
 batch of N examples and N batches of one give the same result.
+
+Padding. For a Linear applied to padded sequences (its input (N, T, ..., D) with
+x.shape[:2] equal to the task's ``position_mask`` (N, T)) or an Embedding of ids (N, T),
+the per-example gradient is the sum over REAL positions of g_t a_t^T: padded positions
+are left out even when the model lets them reach its outputs. Targets taken by the exact
+per-example path (recurrent, custom, shared modules) get their true gradient, which
+excludes padding as far as the model itself does.
 """
 
 from __future__ import annotations
@@ -23,7 +30,14 @@ from torch.func import functional_call, jacrev, vmap
 from torch.utils._pytree import tree_map
 
 from prunekit.criteria.capture import Recorder, capture, scoring_mode
-from prunekit.criteria.persample import conv_sq_grads, linear_sq_grads
+from prunekit.criteria.persample import (
+    conv_sq_grads,
+    embedding_hookable,
+    embedding_sq_grads,
+    linear_sq_grads,
+    position_weights,
+    shared_parameters,
+)
 from prunekit.criteria.unrolled import functional_twin
 from prunekit.errors import DataError, SettingError, choice_error, int_setting
 from prunekit.types import Batch, Target, Task, all_reduce_sums, batch_size
@@ -70,11 +84,33 @@ def term_values(task: Task, outputs: Tensor, sets: list[Tensor] | None) -> list[
     return [task.nll(outputs, y) * weight for y in sets]
 
 
-def _hook_sq_grads(module: nn.Module, rec: Recorder, name: str, gy: Tensor) -> Tensor | None:
-    x = rec.inputs[name][0]
+def _hook_sq_grads(
+    module: nn.Module, xs: list[Tensor], gys: list[Tensor], mask: Tensor | None
+) -> Tensor | None:
+    """sum_i (d term_i / dW)^2 of a hooked weight from its calls' inputs and output grads.
+
+    mask: the batch's (N, T) position mask; padded positions of a Linear applied to
+    sequences are left out (``persample.position_weights``).
+    """
+    weights = [position_weights(module, x, mask) for x in xs]
     if isinstance(module, nn.Linear):
-        return linear_sq_grads(x, gy)
-    return conv_sq_grads(module, x, gy)
+        return linear_sq_grads(xs, gys, weights)
+    if isinstance(module, nn.Embedding):
+        return embedding_sq_grads(module, xs, gys, weights)
+    return conv_sq_grads(module, xs[0], gys[0])
+
+
+def _hookable(module: nn.Module, rec: Recorder, name: str, n: int) -> bool:
+    """True when the hooks give module ``name``'s per-example gradients in this batch.
+
+    Every call's input must be batch-first (a Linear fed (N*T, D) would otherwise count
+    tokens as examples); a Linear or Embedding may run several times (its gradient sums
+    over calls), a conv exactly once. The other cases take the exact per-example path.
+    """
+    calls = rec.inputs.get(name, [])
+    if not calls or any(x.dim() == 0 or x.shape[0] != n for x in calls):
+        return False
+    return isinstance(module, (nn.Linear, nn.Embedding)) or len(calls) == 1
 
 
 def slice_batch(batch: Batch, index: int) -> Batch:
@@ -93,11 +129,13 @@ def _fast_modules(model: nn.Module, targets: dict[str, Target]) -> dict[str, str
     from prunekit.criteria.persample import supports_fast_path
 
     modules = dict(model.named_modules())
+    tied = shared_parameters(model)
     return {
         t.name: t.module
         for t in targets.values()
         if t.name == (f"{t.module}.weight" if t.module else "weight")
-        and supports_fast_path(modules[t.module])
+        and t.name not in tied
+        and (supports_fast_path(modules[t.module]) or embedding_hookable(modules[t.module]))
     }
 
 
@@ -213,9 +251,11 @@ def squared_gradient_sums(
 ) -> tuple[dict[str, Tensor], int]:
     """(sum over examples and label terms of squared per-example gradients, examples seen).
 
-    Result tensors have the targets' shapes, float32 (float64 for float64 models). Linear
-    and Conv weights go through hooks (one backward per label term per batch); any other
-    target through a per-example autograd loop. Model state is left untouched.
+    Result tensors have the targets' shapes, float32 (float64 for float64 models). Linear,
+    Conv and Embedding weights go through hooks (one backward per label term per batch);
+    any other target (and tied weights, or layers fed non-batch-first inputs) through the
+    exact per-example path. The task's ``position_mask`` (read once per batch) drops padded
+    positions (module docstring). Model state is left untouched.
     """
     check_labels(labels, task, samples)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -227,20 +267,23 @@ def squared_gradient_sums(
     with scoring_mode(model), capture(model, set(fast.values())) as rec:
         for batch in batches:
             rec.clear()
+            n_batch = batch_size(batch)
+            mask = task.position_mask(batch)  # (N, T) or None, once per batch
             outputs = task.forward(model, batch)
             sets = label_sets(task, outputs, batch, labels, samples, gen)
-            hooked = {n: m for n, m in fast.items() if rec.single_call(m)}
+            hooked = {n: m for n, m in fast.items() if _hookable(modules[m], rec, m, n_batch)}
             for term in term_values(task, outputs, sets):
                 grads = rec.output_grads(term.sum(), sorted(set(hooked.values())))
                 for n, m in hooked.items():
-                    sq = _hook_sq_grads(modules[m], rec, m, grads[m][0].detach())
+                    gys = [g.detach() for g in grads[m]]
+                    sq = _hook_sq_grads(modules[m], rec.inputs[m], gys, mask)
                     acc[n] += sq.to(acc[n].dtype)
             slow = [n for n in targets if n not in hooked]
             if slow:
                 rec.clear()
                 with rec.paused():  # per-example forwards must not pile up recordings
                     _loop_sq_grads(model, task, batch, sets, slow, params, acc)
-            seen += batch_size(batch)
+            seen += n_batch
             del outputs
     seen = all_reduce_sums(acc.values(), seen)
     if seen == 0:

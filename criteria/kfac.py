@@ -26,6 +26,14 @@ Factors. N = examples seen, terms as in ``criteria.fisher`` (exact / sampled / e
 Every term is a per-example sum, so a batch of N examples and N batches of one give the
 same factors. For a Linear layer on one example, ``kron(G, A)`` is the exact Fisher block;
 for convs the 1/T in G is the KFC convention (Grosse & Martens 2016, nngeometry).
+
+Sequences and padding. A Linear applied to x (N, T, ..., D) is treated like a conv: its
+positions are summed in A (divided by N, not by positions) and averaged in G. When the task's
+``position_mask(batch)`` (N, T) matches x.shape[:2], padded positions are dropped: their
+activation rows (ones column included) and gradient rows are zeroed, and T_n above is the
+number of REAL positions of example n (over all calls), not the padded length. So an
+example's factors do not depend on how much padding its batch added, and a batch of N
+padded examples gives the factors of N unpadded batches of one.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +49,12 @@ from torch import Tensor, nn
 from prunekit.criteria.capture import capture, scoring_mode
 from prunekit.criteria.diag import Diag, damping_value, fit_diag
 from prunekit.criteria.fisher import check_labels, label_sets, term_values
-from prunekit.criteria.persample import conv_patches, supports_fast_path
+from prunekit.criteria.persample import (
+    conv_patches,
+    position_weights,
+    shared_parameters,
+    supports_fast_path,
+)
 from prunekit.errors import DataError, ModelError
 from prunekit.types import Batch, Target, Task, all_reduce_sums, batch_size
 
@@ -79,10 +93,12 @@ def split_targets(
 
     Factorable: the ``weight`` of a Linear, or of a Conv1d/Conv2d with zero (or 'valid')
     padding; grouped convs are factored per group. Everything else (recurrent, embedding,
-    custom, Conv3d, 'same' padding, reflect padding) falls back to the diagonal estimator.
+    custom, Conv3d, 'same' padding, reflect padding, weights tied to another module) falls
+    back to the diagonal estimator.
     """
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
+    tied = shared_parameters(model)  # hooks would see one use of a tied weight only
     layers: dict[str, Layer] = {}
     rest: dict[str, Target] = {}
     for name, t in targets.items():
@@ -91,7 +107,8 @@ def split_targets(
         if (
             t.kind in _FACTOR_KINDS
             and name == own
-            and module is not None
+            and name not in tied
+            and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
             and supports_fast_path(module)
         ):
             bias = f"{t.module}.bias" if t.module else "bias"
@@ -106,8 +123,14 @@ def split_targets(
     return layers, rest
 
 
-def activation_rows(module: nn.Module, layer: Layer, x: Tensor) -> Tensor:
-    """Input rows a of one call: (N, groups, positions, i'), ones column last with a bias."""
+def activation_rows(
+    module: nn.Module, layer: Layer, x: Tensor, weights: Tensor | None = None
+) -> Tensor:
+    """Input rows a of one call: (N, groups, positions, i'), ones column last with a bias.
+
+    weights: (N, positions) 0/1 position weights of a Linear (``position_weights``): rows
+    of padded positions, ones column included, become 0.
+    """
     n = x.shape[0]
     if isinstance(module, nn.Linear):
         rows = x.reshape(n, 1, -1, x.shape[-1])
@@ -117,15 +140,19 @@ def activation_rows(module: nn.Module, layer: Layer, x: Tensor) -> Tensor:
     if layer.bias is not None:
         ones = torch.ones(*rows.shape[:-1], 1, dtype=rows.dtype, device=rows.device)
         rows = torch.cat([rows, ones], dim=-1)
-    return rows
+    return rows if weights is None else rows * weights[:, None, :, None].to(rows.dtype)
 
 
-def gradient_rows(module: nn.Module, layer: Layer, gy: Tensor) -> Tensor:
-    """Output-gradient rows g of one call: (N, groups, positions, o)."""
+def gradient_rows(
+    module: nn.Module, layer: Layer, gy: Tensor, weights: Tensor | None = None
+) -> Tensor:
+    """Output-gradient rows g of one call: (N, groups, positions, o); weights as above."""
     n = gy.shape[0]
     if isinstance(module, nn.Linear):
-        return gy.reshape(n, 1, -1, gy.shape[-1])
-    return gy.reshape(n, layer.groups, layer.rows, -1).transpose(2, 3)
+        rows = gy.reshape(n, 1, -1, gy.shape[-1])
+    else:
+        rows = gy.reshape(n, layer.groups, layer.rows, -1).transpose(2, 3)
+    return rows if weights is None else rows * weights[:, None, :, None].to(rows.dtype)
 
 
 def accumulator_dtype(model: nn.Module) -> torch.dtype:
@@ -144,6 +171,43 @@ def _cat_calls(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
+class BatchRows(NamedTuple):
+    """One batch of ``stream_rows``, rows detached and in the accumulation dtype.
+
+    examples: N. acts: per target, activation rows (N, groups, L, i') of all calls
+    (``activation_rows``). positions: per target, (N,) float64 count of each example's
+    real positions over all calls (padding excluded; at least 1, so it can divide). terms:
+    iterator over label terms of gradient rows per target (N, groups, L, o); consume it
+    before advancing the stream.
+    """
+
+    examples: int
+    acts: dict[str, Tensor]
+    positions: dict[str, Tensor]
+    terms: Iterator[dict[str, Tensor]]
+
+
+def _check_batch_first(rec, reached: list[str], n: int) -> None:
+    for m in reached:
+        if any(x.shape[0] != n for x in rec.inputs[m]):
+            raise ModelError(
+                f"module {m!r} saw inputs whose first dimension is not the batch "
+                f"({n}); exclude it from the targets or use --fisher diag"
+            )
+
+
+def _layer_acts(module, layer, xs, weights, dtype) -> tuple[Tensor, Tensor]:
+    """(activation rows of all calls (N, g, L, i'), real positions per example (N,))."""
+    parts = [
+        activation_rows(module, layer, x, w).to(dtype) for x, w in zip(xs, weights, strict=True)
+    ]
+    n, device = parts[0].shape[0], parts[0].device
+    count = torch.zeros(n, dtype=torch.float64, device=device)
+    for rows, w in zip(parts, weights, strict=True):
+        count += rows.shape[2] if w is None else w.sum(1).to(device=device, dtype=torch.float64)
+    return _cat_calls(parts), count.clamp_min(1.0)
+
+
 def stream_rows(
     model: nn.Module,
     task: Task,
@@ -153,12 +217,12 @@ def stream_rows(
     labels: str,
     samples: int,
     generator: torch.Generator,
-) -> Iterator[tuple[int, dict[str, Tensor], Iterator[dict[str, Tensor]]]]:
-    """Per batch: (examples, activation rows per target, iterator of gradient rows per term).
+) -> Iterator[BatchRows]:
+    """Per batch: its examples, activation rows, real positions and gradient rows per term.
 
-    Rows are detached, in the accumulation dtype (see ``activation_rows``/``gradient_rows``).
-    Consume the inner iterator before advancing. Runs in ``scoring_mode``: no trace left.
-    A layer the batch did not reach is absent from both dicts.
+    The task's ``position_mask(batch)`` (read once per batch) zeroes the rows of padded
+    positions of Linear layers applied to (N, T, ...) sequences (``position_weights``).
+    Runs in ``scoring_mode``: no trace left. A layer the batch did not reach is absent.
     """
     modules = dict(model.named_modules())
     dtype = accumulator_dtype(model)
@@ -167,32 +231,36 @@ def stream_rows(
         for batch in batches:
             rec.clear()
             n = batch_size(batch)
+            mask = task.position_mask(batch)
             outputs = task.forward(model, batch)
             reached = [m for m in by_module if rec.outputs[m]]
-            for m in reached:
-                if any(x.shape[0] != n for x in rec.inputs[m]):
-                    raise ModelError(
-                        f"module {m!r} saw inputs whose first dimension is not the batch "
-                        f"({n}); exclude it from the targets or use --fisher diag"
-                    )
-            acts = {
-                by_module[m].target: _cat_calls(
-                    [activation_rows(modules[m], by_module[m], x).to(dtype) for x in rec.inputs[m]]
-                )
-                for m in reached
+            _check_batch_first(rec, reached, n)
+            weights = {
+                m: [position_weights(modules[m], x, mask) for x in rec.inputs[m]] for m in reached
             }
+            acts, positions = {}, {}
+            for m in reached:
+                t = by_module[m].target
+                acts[t], positions[t] = _layer_acts(
+                    modules[m], by_module[m], rec.inputs[m], weights[m], dtype
+                )
             sets = label_sets(task, outputs, batch, labels, samples, generator)
-            yield n, acts, _term_rows(rec, modules, by_module, reached, task, outputs, sets, dtype)
+            terms = _term_rows(rec, modules, by_module, weights, task, outputs, sets, dtype)
+            yield BatchRows(n, acts, positions, terms)
             del outputs
 
 
-def _term_rows(rec, modules, by_module, reached, task, outputs, sets, dtype):
+def _term_rows(rec, modules, by_module, weights, task, outputs, sets, dtype):
     """Gradient rows of each label term (a generator, so only one term is held at once)."""
+    reached = list(weights)
     for term in term_values(task, outputs, sets):
         grads = rec.output_grads(term.sum(), reached)
         yield {
             by_module[m].target: _cat_calls(
-                [gradient_rows(modules[m], by_module[m], g.detach()).to(dtype) for g in grads[m]]
+                [
+                    gradient_rows(modules[m], by_module[m], g.detach(), w).to(dtype)
+                    for g, w in zip(grads[m], weights[m], strict=True)
+                ]
             )
             for m in reached
         }
@@ -202,6 +270,21 @@ def _group_gram(rows: Tensor, scale: Tensor | float = 1.0) -> Tensor:
     """sum over examples and positions of r r^T per group: rows (N, g, L, d) -> (g, d, d)."""
     flat = (rows * scale).transpose(0, 1).reshape(rows.shape[1], -1, rows.shape[-1])
     return flat.transpose(1, 2) @ flat
+
+
+def _check_reached(layers: dict[str, Layer], calls: Tensor) -> None:
+    """ModelError naming the factored layers whose module never ran (zero factors otherwise).
+
+    E.g. nn.MultiheadAttention's ``out_proj``: its parent reads the weight directly, so no
+    hook ever fires and KFAC would silently give those weights zero curvature.
+    """
+    never = [ly.module for ly, c in zip(layers.values(), calls.tolist(), strict=True) if c == 0]
+    if never:
+        raise ModelError(
+            f"modules {never} never ran in the model's forward (their weights are used by "
+            "a parent module directly), so KFAC/EKFAC cannot see them; exclude them from "
+            "the targets or use --fisher diag"
+        )
 
 
 def fit_factors(
@@ -232,25 +315,30 @@ def fit_factors(
         t: torch.zeros(ly.groups, ly.rows, ly.rows, dtype=dtype, device=device)
         for t, ly in layers.items()
     }
-    seen = 0
+    seen, calls = 0, torch.zeros(len(layers), dtype=torch.float64, device=device)
+    index = {t: i for i, t in enumerate(layers)}
     stream = stream_rows(
         model, task, layers, batches, labels=labels, samples=samples, generator=generator
     )
-    for n, acts, terms in stream:
+    for n, acts, positions, terms in stream:
         for t, a in acts.items():
             a_acc[t] += _group_gram(a)
+            calls[index[t]] += 1
+        # 1/T_n of KFC, T_n = example n's real positions (float64, then the rows' dtype)
+        scale = {t: p.rsqrt().to(dtype)[:, None, None, None] for t, p in positions.items()}
         kept = []
         for grads in terms:
             for t, g in grads.items():
-                g_acc[t] += _group_gram(g, 1.0 / math.sqrt(g.shape[2]))  # 1/T_n of KFC
+                g_acc[t] += _group_gram(g, scale[t])
             if keep is not None:
                 kept.append(grads)
         if keep is not None:
             keep(acts, kept)
         seen += n
-    seen = all_reduce_sums([*a_acc.values(), *g_acc.values()], seen)
+    seen = all_reduce_sums([*a_acc.values(), *g_acc.values(), calls], seen)
     if seen == 0:
         raise DataError("no examples to estimate the Fisher from (the data is empty)")
+    _check_reached(layers, calls)
     return {t: a / seen for t, a in a_acc.items()}, {t: g / seen for t, g in g_acc.items()}, seen
 
 
