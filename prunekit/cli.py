@@ -598,9 +598,20 @@ def _usage_message(exc, argv: list[str]) -> str:
     return message
 
 
+def _importable_cwd() -> None:
+    """Let --arch/--task/--data module:name specs import modules from the working folder,
+    as ``python -m`` would (appended, so installed packages are never shadowed)."""
+    import os
+
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning user errors into one line and exit 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _importable_cwd()
     try:
         code = app(args=argv, standalone_mode=False, prog_name="prunekit")
     except typer.TyperException as exc:  # bad options: typer's usage errors, one line

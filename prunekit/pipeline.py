@@ -321,6 +321,7 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
             f"--compensate needs a curvature criterion (obd, qm, obs) on kfac or ekfac, not "
             f"{settings.criterion!r} with fisher {crit.fisher!r}"
         )
+    check_data_fits(model, data, task)
     if crit.uses_curvature:
         _check_label_source(resolved_labels(crit, task), task, data, crit.samples)
     sparsities = schedule(settings.sparsity, settings.steps, settings.schedule)
@@ -332,7 +333,6 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     settings.finetune_settings(settings.final_epochs)
     log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
     targets = find_targets(model, settings.include, settings.exclude)
-    check_data_fits(model, data, task)
     return crit, sparsities, targets
 
 

@@ -1,0 +1,346 @@
+"""User tasks (dict batches, --task) and label-free distillation (--loss distill)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+import prunekit
+from prunekit.criteria.fisher import squared_gradient_sums
+from prunekit.data import bundle_from_batches
+from prunekit.errors import DataError, SettingError
+from prunekit.pipeline import PruneSettings, prepare_task, teacher_outputs
+from prunekit.prune.targets import find_targets
+from prunekit.tasks import DistillationTask, as_task, check_distillable, load_task
+from prunekit.types import ClassificationTask, Task
+
+
+
+def snapshot(path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def small_mlp(dtype=torch.float32, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4)).to(dtype)
+
+
+class DictTask:
+    """A user task that is not a prunekit Task: dict batches with features and labels."""
+
+    def forward(self, model, batch):
+        weight = next(model.parameters())
+        return model(batch["features"].to(weight.dtype))  # the data loader keeps float32
+
+    def loss(self, outputs, batch):
+        return F.cross_entropy(outputs, batch["labels"])
+
+    def sample(self, outputs, generator):
+        probs = torch.softmax(outputs.detach(), -1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def dict_batches(n=60, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=dtype)
+    y = (x[:, :4].argmax(1)).long()
+    return [{"features": x[i : i + 20], "labels": y[i : i + 20]} for i in range(0, n, 20)]
+
+
+def per_example_sq_grads(model, fn, batches) -> dict[str, torch.Tensor]:
+    """float64 oracle: mean over examples of the squared per-example gradient of ``fn``."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, example):
+        sub = {k: v.unsqueeze(0) for k, v in example.items()}
+        return fn(functional_call(model, p, (sub["features"].double(),)), sub)
+
+    sums, n = {k: torch.zeros_like(v) for k, v in params.items()}, 0
+    for b in batches:
+        grads = vmap(jacrev(one), in_dims=(None, 0))(params, b)
+        for k in sums:
+            sums[k] += grads[k].pow(2).sum(0)
+        n += len(b["labels"])
+    return {k: v / n for k, v in sums.items()}
+
+
+def test_user_task_with_dict_batches_gives_the_empirical_fisher_of_its_loss():
+    model = small_mlp(torch.float64)
+    batches = dict_batches(dtype=torch.float64)
+    got = prunekit.fisher_diagonal(
+        model, batches, estimator="diag", labels="empirical", task=DictTask(), examples=1000
+    )
+    bundle = bundle_from_batches(batches)  # the API splits off 20% for validation
+    train = [{k: v[i : i + 20] for k, v in bundle.x_train.items()} for i in range(0, 48, 20)]
+    want = per_example_sq_grads(
+        model, lambda out, b: F.cross_entropy(out, b["labels"]), train
+    )
+    for name in ("0.weight", "2.weight"):
+        torch.testing.assert_close(got[name].double(), want[name], rtol=1e-9, atol=1e-12)
+    assert got["0.weight"].abs().sum() > 0
+
+
+def test_user_task_prunes_end_to_end_through_the_api():
+    model = small_mlp()
+    result = prunekit.prune(
+        model, dict_batches(n=200), task=DictTask(), sparsity=0.5, steps=2,
+        finetune_epochs=0.5, final_epochs=0.5, fisher="diag", labels="sampled", ntk=False,
+    )  # fmt: skip
+    assert result.report["sparsity"]["global"] == pytest.approx(0.5, abs=1 / 72)
+    assert result.report["task"]["kind"] == "custom"
+    assert result.report["fisher_labels"] == "sampled"
+    for name, keep in result.masks.items():
+        assert torch.all(dict(model.named_parameters())[name][~keep] == 0)
+
+
+def test_task_protocol_defaults_for_tuples_dicts_and_inputs_only():
+    task = Task()
+    x = torch.randn(3, 2)
+    assert torch.equal(task.targets((x, torch.ones(3))), torch.ones(3))
+    assert torch.equal(task.targets({"a": x, "labels": torch.zeros(3)}), torch.zeros(3))
+    with pytest.raises(KeyError):
+        task.targets(x)
+    swapped = task.with_targets({"a": x, "labels": torch.zeros(3)}, torch.ones(3))
+    assert torch.equal(swapped["labels"], torch.ones(3)) and swapped["a"] is x
+    mask = torch.tensor([[1, 1, 0]])
+    assert task.position_mask({"input_ids": mask, "attention_mask": mask}).dtype == torch.bool
+    assert task.position_mask(x) is None
+    assert not task.can_sample and not task.categorical and ClassificationTask().categorical
+
+
+def test_as_task_refuses_objects_without_forward_and_loss():
+    with pytest.raises(SettingError, match="lacks forward, loss"):
+        as_task(object(), "m:f")
+    with pytest.raises(SettingError, match="lacks loss"):
+        as_task(type("T", (), {"forward": lambda self, m, b: m(b)})(), "m:f")
+    assert as_task(DictTask()).can_sample
+
+
+# ------------------------------------------------------------------ distillation
+
+
+def test_distillation_losses_match_their_definitions():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    kl = DistillationTask(Task(), "kl", temperature=2.0)
+    want = F.kl_div(F.log_softmax(s / 2, 1), F.log_softmax(t / 2, 1), log_target=True,
+                    reduction="batchmean") * 4  # fmt: skip
+    torch.testing.assert_close(kl.loss(s, (None, kl.prepare(t))), want)
+    mse = DistillationTask(Task(), "mse")
+    torch.testing.assert_close(mse.loss(s, (None, mse.prepare(t))), F.mse_loss(s, t))
+    cos = DistillationTask(Task(), "cosine")
+    want = (1 - F.cosine_similarity(s, t, dim=1)).mean()
+    torch.testing.assert_close(cos.loss(s, (None, cos.prepare(t))), want)
+    assert float(kl.loss(t, (None, kl.prepare(t)))) == pytest.approx(0, abs=1e-6)
+
+
+def test_distill_kl_exact_fisher_equals_the_tempered_categorical_oracle():
+    model, temp = small_mlp(torch.float64), 2.0
+    x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    task = DistillationTask(Task(), "kl", temperature=temp)
+    batch = (x, task.prepare(model(x)))
+    targets = find_targets(model)
+    got, seen = squared_gradient_sums(model, task, targets, [batch], labels="exact")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def logp(p, xi):
+        return torch.log_softmax(functional_call(model, p, (xi.unsqueeze(0),))[0] / temp, -1)
+
+    jac = vmap(jacrev(logp), in_dims=(None, 0))(params, x)  # (N, C, ...) per parameter
+    probs = torch.softmax(model(x) / temp, -1).detach()  # (N, C)
+    for name in targets:
+        j = jac[name]
+        want = (probs.reshape(*probs.shape, *[1] * (j.dim() - 2)) * j.pow(2)).sum((0, 1))
+        torch.testing.assert_close(got[name], want, rtol=1e-9, atol=1e-12)
+    assert seen == 7
+
+
+def test_distillation_at_zero_sparsity_moves_nothing():
+    model = small_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = [torch.randn(40, 6, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    result = prunekit.prune(
+        model, inputs, loss="distill", distill_metric="kl", sparsity=0.0, steps=1,
+        weight_decay=0.0, finetune_epochs=1, final_epochs=1, ntk=False,
+    )  # fmt: skip
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=1e-6)
+    assert result.report["metrics"]["finetuned"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert result.report["metrics"]["finetuned"]["agreement"] == 1.0
+
+
+@pytest.mark.parametrize("metric", ["kl", "mse", "cosine"])
+def test_distillation_keeps_outputs_close_at_low_sparsity(metric):
+    model = small_mlp(seed=3)
+    inputs = [torch.randn(50, 6, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    result = prunekit.prune(
+        model, inputs, loss="distill", distill_metric=metric, sparsity=0.2, steps=2,
+        finetune_epochs=1, final_epochs=1, ntk=False, lr=0.05,
+    )  # fmt: skip
+    metrics = result.report["metrics"]
+    assert result.report["task"]["distill_metric"] == metric
+    assert metrics["finetuned"]["cosine"] > 0.97
+    assert metrics["finetuned"]["cosine"] >= metrics["pruned"]["cosine"] - 1e-3
+    assert result.teacher["train"].shape == (320, 4)
+
+
+def test_check_distillable_names_what_cannot_be_compared():
+    with pytest.raises(DataError, match="tuple"):
+        check_distillable((torch.zeros(2, 3),), "mse")
+    with pytest.raises(DataError, match="int64"):
+        check_distillable(torch.zeros(2, 3, dtype=torch.long), "cosine")
+    with pytest.raises(DataError, match=r"logits \(N, C >= 2\)"):
+        check_distillable(torch.zeros(2, 1), "kl")
+    check_distillable(torch.zeros(2, 3, 5), "cosine")
+
+
+def test_teacher_outputs_are_cached_by_weights_and_data(tmp_path, monkeypatch):
+    import prunekit.pipeline as pipeline
+
+    model = small_mlp()
+    data = bundle_from_batches([torch.randn(30, 6)])
+    cache = tmp_path / "teacher.safetensors"
+    first = teacher_outputs(model, Task(), data, cache)
+    assert cache.is_file()
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("recomputed despite a valid cache")
+
+    monkeypatch.setattr(pipeline, "_outputs_on", no_compute)
+    again = teacher_outputs(model, Task(), data, cache)
+    assert torch.equal(again["train"], first["train"]) and torch.equal(again["val"], first["val"])
+    monkeypatch.undo()
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1.0
+    changed = teacher_outputs(model, Task(), data, cache)
+    assert not torch.equal(changed["train"], first["train"])
+
+
+def test_prepare_task_without_labels_needs_distill_or_a_task():
+    data = bundle_from_batches([torch.randn(20, 6)])
+    with pytest.raises(DataError, match="inputs only"):
+        prepare_task(small_mlp(), data, PruneSettings())
+    task, bundle, teacher = prepare_task(small_mlp(), data, PruneSettings(loss="distill"))
+    assert task.metric == "cosine" and bundle.kind == "distill" and teacher is not None
+    with pytest.raises(SettingError, match="temperature"):
+        prepare_task(small_mlp(), data, PruneSettings(loss="distill", temperature=0.0))
+
+
+# ------------------------------------------------------------------ CLI bad inputs
+
+
+USER_MODULE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def tuple_mlp():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    return Two()
+
+
+def wrong_key_task():
+    class T:
+        def forward(self, model, batch):
+            return model(batch["tokens"])
+
+        def loss(self, outputs, batch):
+            return outputs.pow(2).mean()
+
+    return T()
+
+
+def unsupervised_task():
+    class T:
+        def forward(self, model, batch):
+            return model(batch["features"])
+
+        def loss(self, outputs, batch):
+            return outputs.pow(2).mean()
+
+    return T()
+
+
+def not_a_task():
+    return 42
+
+
+def broken_factory():
+    raise RuntimeError("factory exploded")
+'''
+
+
+@pytest.fixture
+def user_env(tmp_path, monkeypatch):
+    """A working folder with a user module, an MLP checkpoint and inputs-only data."""
+    from prunekit.checkpoint import ARCH_KEY
+    from prunekit.prune.state import save_tensors
+
+    (tmp_path / "pk_user_tasks.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = small_mlp()
+    arch = "prunekit.models:mlp?sizes=6,12,4"
+    state = {k.replace("0.", "1.", 1) if k.startswith("0.") else k.replace("2.", "3.", 1): v
+             for k, v in model.state_dict().items()}  # fmt: skip
+    save_tensors(tmp_path / "mlp.safetensors", state, {ARCH_KEY: arch})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "feats.npz", features=rng.standard_normal((40, 6)).astype(np.float32))
+    np.savez(tmp_path / "plain.npz", x=rng.standard_normal((40, 6)).astype(np.float32))
+    torch.save(torch.nn.Linear(1, 1).state_dict(), tmp_path / "unused.pt")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "pk_no_such_module:task"], "does not import"),
+        (["--task", "pk_user_tasks:missing"], "does not import"),
+        (["--task", "pk_user_tasks:not_a_task"], "lacks forward, loss"),
+        (["--task", "pk_user_tasks:broken_factory"], "factory exploded"),
+        (["--task", "pk_user_tasks:wrong_key_task", "--data", "feats.npz"],
+         "key 'tokens' is missing; the batch has keys ['features']"),
+        (["--data", "plain.npz"], "needs labels but the data holds inputs only"),
+        (["--data", "plain.npz", "--loss", "classification"], "needs labels"),
+        (["--task", "pk_user_tasks:unsupervised_task", "--data", "feats.npz",
+          "--fisher-labels", "empirical"], "Fisher labels 'empirical' need labels"),
+        (["--task", "pk_user_tasks:unsupervised_task", "--data", "feats.npz",
+          "--fisher-labels", "sampled"], "need a task with sample"),
+        (["--data", "plain.npz", "--loss", "distill", "--distill-metric", "l2"],
+         "distill metric 'l2'"),
+        (["--data", "plain.npz", "--loss", "distill", "--temperature", "0"], "temperature"),
+        (["--data", "plain.npz", "--loss", "distil"], "loss 'distil'"),
+        (["--data", "plain.npz", "--loss", "distill", "--distill-metric", "kl",
+          "--fisher-labels", "exact", "--arch", "pk_user_tasks:tuple_mlp"],
+         "returns one floating-point tensor, not tuple"),
+    ],
+)  # fmt: skip
+def test_bad_task_inputs_exit_2_with_one_line_and_write_nothing(user_env, cli, args, message):
+    checkpoint = "mlp.safetensors"
+    if "--arch" in args:  # a state_dict for the tuple-returning model
+        from pk_user_tasks import tuple_mlp
+
+        torch.save(tuple_mlp().state_dict(), user_env / "tuple.pt")
+        checkpoint = "tuple.pt"
+    before = snapshot(user_env)
+    code, stdout, stderr = cli("prune", checkpoint, "--data", "plain.npz", *args,
+                               "--out", "run", "--quiet")  # fmt: skip
+    assert code == 2, stderr
+    assert message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert snapshot(user_env) == before
