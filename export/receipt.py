@@ -38,6 +38,12 @@ def _lat(lat: dict, runner: str, batch: str) -> str:
     return f"{row['p50_ms']:.3f} / {row['p90_ms']:.3f} ms" if row else "-"
 
 
+def _inputs(inputs: list[dict]) -> str:
+    """'input_ids int64 [batch, sequence], ...' from the receipt's graph inputs."""
+    parts = [f"{i['name']} {i['dtype']} [{', '.join(map(str, i['shape']))}]" for i in inputs]
+    return ", ".join(parts) or "-"
+
+
 def receipt_table(receipt: dict) -> list[tuple[str, str]]:
     """(label, value) rows summarising a receipt, for a two-column printed table."""
     b, v, c = receipt["bytes"], receipt["verification"], receipt["cleanup"]
@@ -46,6 +52,7 @@ def receipt_table(receipt: dict) -> list[tuple[str, str]]:
         ("file", receipt["path"]),
         ("storage", storage),
         ("exporter / opset", f"{receipt['exporter']} / {receipt['opset']}"),
+        ("inputs", _inputs(receipt.get("inputs", []))),
         ("bytes", f"{b['file']:,} = {b['ratio']:.4f}x dense fp32 ({b['dense_fp32']:,})"),
         ("parameters", f"{c['params_before']:,} -> {c['params_after']:,}"),
         ("checker", v["checker"]),

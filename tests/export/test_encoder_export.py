@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import ModelError, SettingError, VerificationError
-from prunekit.export import export_onnx
+from prunekit.export import export_onnx, receipt_table
 from prunekit.export.verify import batch_of, feeds, run_torch, session
 from prunekit.models import TokenEncoder, encoder
 
@@ -59,6 +59,9 @@ def test_every_mode_has_parity_on_padded_batches(storage, tmp_path):
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
         {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]},
     ]
+    assert dict(receipt_table(r))["inputs"] == (
+        "input_ids int64 [batch, sequence], attention_mask int64 [batch, sequence]"
+    )
     assert r["unmatched_weights"] == []
     assert {t["name"] for t in r["tensors"]} == set(masks)
     stored = {t["name"]: t["stored_as"] for t in r["tensors"] if t["name"] in masks}
