@@ -79,4 +79,11 @@ EXAMPLES: dict[str, Example] = {
         0.5,
         "a BN-LSTM reading 5,000 real MNIST digits row by row (28 steps of 28 pixels)",
     ),
+    "encoder-tokens": Example(
+        "prunekit.models:encoder?vocab=64&dim=64&heads=4&layers=2&ffn=128&max_len=32&classes=4",
+        "synthetic?task=tokens&n=2000&seq=24&vocab=64&classes=4",
+        20,
+        0.05,
+        "a 2-block transformer encoder classifying padded synthetic token sequences",
+    ),
 }

@@ -1,7 +1,8 @@
 """Data specs: bundled digits, bundled MNIST (5k), synthetic, .npz files, or user functions.
 
 A spec resolves to a ``DataBundle`` of train/validation tensors with a seeded split. Specs:
-``digits``, ``mnist5k``, ``synthetic[?n=..&dim=..&classes=..&task=regression]``,
+``digits``, ``mnist5k``, ``synthetic[?n=..&dim=..&classes=..&task=regression]``
+(``task=tokens&seq=..&vocab=..[&labels=no]``: padded token ids and attention masks),
 ``path/to/file.npz`` (arrays x, y, optional x_val, y_val) and ``module:function`` (returns
 a DataBundle, or ``(train, val)`` where each is ``(x, y)``, a Dataset or a DataLoader).
 """
@@ -125,7 +126,30 @@ def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
     return (raw[:, :-1] / 255.0).reshape(-1, 1, 28, 28), raw[:, -1].astype(np.int64)
 
 
-def _synthetic(n=2000, dim=20, classes=4, task="classification", seed=1234):
+def _synthetic_tokens(n: int, classes: int, seed: int, seq=24, vocab=64, labels="yes"):
+    """Padded token sequences {input_ids, attention_mask}; the class of a sequence is the
+    most frequent (token id mod classes) among its real tokens (labels=no: inputs only)."""
+    rng = np.random.default_rng(seed)
+    seq, vocab = int(seq), int(vocab)
+    if seq < 2 or vocab < classes + 1 or classes < 2:
+        raise DataError(f"synthetic tokens need seq >= 2, classes >= 2, vocab > classes; got "
+                        f"seq={seq}, classes={classes}, vocab={vocab}")  # fmt: skip
+    lengths = rng.integers(max(1, seq // 4), seq + 1, n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1, vocab, (n, seq)) * mask  # 0 = padding
+    counts = np.stack([((ids % classes == c) & (mask == 1)).sum(1) for c in range(classes)], 1)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if str(labels).lower() in ("no", "false", "0"):
+        return inputs, None
+    return inputs, counts.argmax(1)
+
+
+def _synthetic(n=2000, dim=20, classes=4, task="classification", seed=1234, **tokens):
+    n, classes, seed = int(n), int(classes), int(seed)
+    if task == "tokens":
+        return _synthetic_tokens(n, classes, seed, **tokens)
+    if tokens:
+        raise TypeError(f"unexpected options {sorted(tokens)} (seq, vocab, labels: task=tokens)")
     rng = np.random.default_rng(int(seed))
     n, dim, classes = int(n), int(dim), int(classes)
     x = rng.standard_normal((n, dim)).astype(np.float32)
@@ -133,7 +157,9 @@ def _synthetic(n=2000, dim=20, classes=4, task="classification", seed=1234):
     if task == "regression":
         return x, np.tanh(x @ w) + 0.05 * rng.standard_normal((n, w.shape[1]))
     if task != "classification":
-        raise DataError(f"synthetic task {task!r} is not one of {', '.join(TASK_KINDS)}")
+        raise DataError(
+            f"synthetic task {task!r} is not one of {', '.join(TASK_KINDS)}, tokens"
+        )
     return x, (x @ w).argmax(1)
 
 
@@ -297,7 +323,8 @@ def load_data(spec: str, seed: int = 0, val_fraction: float = 0.2) -> DataBundle
             x, y = _synthetic(**args)
         except (TypeError, ValueError) as exc:
             raise DataError(
-                f"data spec {spec!r}: {exc}; options are n, dim, classes, task, seed"
+                f"data spec {spec!r}: {exc}; options are n, dim, classes, task, seed "
+                "(task=tokens: seq, vocab, labels)"
             ) from exc
         return _bundle(x, y, None, None, spec, seed, val_fraction)
     if base.endswith(".npz"):
