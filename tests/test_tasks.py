@@ -17,14 +17,14 @@ from prunekit.data import bundle_from_batches
 from prunekit.errors import DataError, SettingError
 from prunekit.pipeline import PruneSettings, prepare_task, teacher_outputs
 from prunekit.prune.targets import find_targets
-from prunekit.tasks import DistillationTask, as_task, check_distillable, load_task
+from prunekit.tasks import DistillationTask, as_task, check_distillable
 from prunekit.types import ClassificationTask, Task
-
 
 
 def snapshot(path) -> dict[str, bytes]:
     """Every file under ``path`` with its bytes."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)): p.read_bytes() for p in files}
 
 
 def small_mlp(dtype=torch.float32, seed=0) -> nn.Module:
@@ -344,3 +344,80 @@ def test_bad_task_inputs_exit_2_with_one_line_and_write_nothing(user_env, cli, a
     assert message in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert snapshot(user_env) == before
+
+
+# ------------------------------------------------------------------ encoder end to end
+
+ENCODER_MODULE = '''
+import torch.nn.functional as F
+from prunekit.models import encoder as zoo_encoder
+
+
+def encoder():
+    return zoo_encoder(vocab=40, dim=16, heads=2, layers=1, ffn=32, max_len=16)
+
+
+class EncoderTask:
+    def forward(self, model, batch):
+        return model(batch["input_ids"], batch["attention_mask"])
+
+    def loss(self, outputs, batch):
+        return outputs.pow(2).mean()
+
+
+def task():
+    return EncoderTask()
+'''
+
+
+def test_encoder_distillation_cli_end_to_end(tmp_path, monkeypatch, cli):
+    """The issue's command: user arch + user task + inputs-only tokens + distill + export."""
+    import json
+
+    import onnxruntime as ort
+
+    from prunekit.prune.state import save_tensors
+
+    (tmp_path / "pk_mymodels.py").write_text(textwrap.dedent(ENCODER_MODULE))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from pk_mymodels import encoder
+
+    torch.manual_seed(0)
+    dense = encoder()
+    save_tensors(tmp_path / "encoder.safetensors", dense.state_dict(), {})
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 13, 120)
+    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int64)
+    np.savez(tmp_path / "tokens.npz", input_ids=rng.integers(1, 40, (120, 12)) * mask,
+             attention_mask=mask)  # fmt: skip
+    code, stdout, stderr = cli(
+        "prune", "encoder.safetensors", "--arch", "pk_mymodels:encoder",
+        "--task", "pk_mymodels:task", "--data", "tokens.npz", "--loss", "distill",
+        "--criterion", "obd", "--sparsity", "0.5", "--steps", "2", "--finetune-epochs", "0.5",
+        "--final-epochs", "0.5", "--export", "enc.onnx", "--out", "run", "--quiet",
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["sparsity"]["global"] == pytest.approx(0.5, abs=1e-3)
+    assert report["task"] == {
+        "kind": "distill", "spec": "pk_mymodels:task", "loss": "distill",
+        "distill_metric": "cosine", "temperature": 1.0,
+    }  # fmt: skip
+    assert set(report["estimators"].values()) == {"ekfac"}
+    assert report["metrics"]["finetuned"]["cosine"] > 0.9
+    assert (tmp_path / "run" / "teacher.safetensors").is_file()
+    receipt = json.loads((tmp_path / "run" / "export.json").read_text())
+    assert receipt["verification"]["max_abs_diff"] <= 1e-5
+    # the exported graph takes any batch and sequence length, padding included
+    sess = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    ids = torch.randint(1, 40, (3, 9))
+    att = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7])
+    from prunekit.checkpoint import load_model
+
+    pruned = load_model(tmp_path / "run" / "model.safetensors", arch="pk_mymodels:encoder").model
+    with torch.no_grad():
+        want = pruned(ids * att, att).numpy()
+    got = sess.run(None, {"input_ids": (ids * att).numpy(), "attention_mask": att.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
