@@ -1,7 +1,8 @@
 """prunekit: training-aware unstructured pruning with Taylor/Fisher criteria.
 
 Python API (mirrors the CLI): ``prune``, ``score``, ``fisher_diagonal``,
-``ntk_alignment``, ``export_onnx``.
+``ntk_alignment``, ``export_onnx``; tasks ``Task`` (subclass it, or pass any object with
+``forward`` and ``loss``), ``ClassificationTask``, ``RegressionTask``, ``DistillationTask``.
 """
 
 import os
@@ -20,13 +21,19 @@ from prunekit.pipeline import (  # noqa: E402
     prune,
     score,
 )
+from prunekit.tasks import DistillationTask  # noqa: E402
+from prunekit.types import ClassificationTask, RegressionTask, Task  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassificationTask",
+    "DistillationTask",
     "PruneResult",
     "PruneSettings",
     "PrunekitError",
+    "RegressionTask",
+    "Task",
     "export_onnx",
     "fisher_diagonal",
     "ntk_alignment",

@@ -901,8 +901,11 @@ def prune(model: nn.Module, data, task: Task | None = None, out=None, **settings
     """Python API of `prunekit prune`: prune ``model`` in place.
 
     data: a spec string ('digits', 'mnist5k', 'synthetic', 'file.npz', 'module:function'),
-    a DataBundle, or an iterable of (inputs, targets) batches; settings: PruneSettings
-    fields (criterion, sparsity, steps, ...); out: optional run directory to write.
+    a DataBundle, or an iterable of batches ((inputs, targets) pairs or inputs alone;
+    tensors or dicts of tensors); task: a Task, or any object with forward(model, batch)
+    and loss(outputs, batch) (None = the built-in task for the data, or loss='distill');
+    settings: PruneSettings fields (criterion, sparsity, steps, loss, ...); out: optional
+    run directory to write.
     The global torch RNG is seeded with ``seed`` (dropout during fine-tuning must be
     reproducible); save it with ``torch.get_rng_state()`` first if the caller needs it.
     """
