@@ -17,6 +17,9 @@ Conventions used throughout this module:
   import prunekit.criteria), the weights and biases of Linear layers applied once to an
   (n, in) batch get their exact K_l from layer inputs and output gradients instead
   (:mod:`prunekit.analysis.ntk_factored`); everything else stays on the jacrev path.
+- Under torch.distributed (initialised, world > 1) :func:`ntk_alignment` is a collective: each
+  rank builds the K_l of its share of the tensors (:func:`balance_tensors`), and one
+  all-reduce (sum) gives every rank the same K and per-layer values (:func:`_shared_kernel`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -244,16 +248,23 @@ def _prepare_inputs(model: nn.Module, inputs: Tensor) -> tuple[Tensor, torch.dty
     return inputs, dtype
 
 
+def _check_mask_shapes(names: Sequence[str], masks: Masks | None, params: dict) -> None:
+    """SettingError unless every given mask of ``names`` has its parameter's shape."""
+    for name in names:
+        mask = None if masks is None else masks.get(name)
+        if mask is not None and tuple(mask.shape) != tuple(params[name].shape):
+            raise SettingError(
+                f"mask of {name!r} has shape {tuple(mask.shape)}; the parameter has shape "
+                f"{tuple(params[name].shape)}"
+            )
+
+
 def _masks_for(names: list[str], masks: Masks | None, frozen: dict[str, Tensor]) -> dict:
     """Per tensor: None (keep all), survivor indices (int64) or a 0/1 vector (dtype of J)."""
+    _check_mask_shapes(names, masks, frozen)
     keeps: dict[str, Tensor | None] = {}
     for name in names:
         mask = None if masks is None else masks.get(name)
-        if mask is not None and tuple(mask.shape) != tuple(frozen[name].shape):
-            raise SettingError(
-                f"mask of {name!r} has shape {tuple(mask.shape)}; the parameter has shape "
-                f"{tuple(frozen[name].shape)}"
-            )
         if mask is None:
             keeps[name] = None
             continue
@@ -264,6 +275,23 @@ def _masks_for(names: list[str], masks: Masks | None, frozen: dict[str, Tensor])
         else:
             keeps[name] = flat.to(frozen[name].dtype)
     return keeps
+
+
+def _check_budget_positive(memory_budget_mb: float) -> None:
+    if not memory_budget_mb > 0:
+        raise SettingError(f"memory_budget_mb={memory_budget_mb!r} must be > 0 (e.g. 256)")
+
+
+def _jacobian_budget(memory_budget_mb: float, n: int, n_outputs: int) -> float:
+    """Bytes left for one tensor's Jacobian blocks once the two float64 kernels are held."""
+    kernel_bytes = 2 * (n_outputs * n) ** 2 * 8  # running total + current layer, float64
+    budget = memory_budget_mb * 2**20 - kernel_bytes
+    if budget <= 0:
+        raise SettingError(
+            f"memory_budget_mb={memory_budget_mb} is too small: the kernels of n={n} "
+            f"examples x C={n_outputs} outputs alone need {kernel_bytes / 2**20:.1f} MB"
+        )
+    return budget
 
 
 def _iter_layer_kernels(
@@ -284,20 +312,12 @@ def _iter_layer_kernels(
     Only one tensor's Jacobian blocks (bounded by ``memory_budget_mb``) exist at a time;
     with ``capture``, the Linear factors (n * (in + C * out) numbers per layer) are held too.
     """
-    if not memory_budget_mb > 0:
-        raise SettingError(f"memory_budget_mb={memory_budget_mb!r} must be > 0 (e.g. 256)")
+    _check_budget_positive(memory_budget_mb)
     names = _resolve_params(model, masks, params)
     inputs, _ = _prepare_inputs(model, inputs)
     with _evaluation_mode(model):
         n_outputs = _model_outputs(model, inputs)
-        n = inputs.shape[0]
-        kernel_bytes = 2 * (n_outputs * n) ** 2 * 8  # running total + current layer, float64
-        budget = memory_budget_mb * 2**20 - kernel_bytes
-        if budget <= 0:
-            raise SettingError(
-                f"memory_budget_mb={memory_budget_mb} is too small: the kernels of n={n} "
-                f"examples x C={n_outputs} outputs alone need {kernel_bytes / 2**20:.1f} MB"
-            )
+        budget = _jacobian_budget(memory_budget_mb, inputs.shape[0], n_outputs)
         # Detached aliases (no copies): torch.func then differentiates one tensor only, and
         # autograd never records anything on the model's own parameters.
         frozen = {k: v.detach() for k, v in model.named_parameters()}
@@ -329,7 +349,8 @@ def tangent_kernel(
     """Per-tensor tangent kernels as (C*n, C*n) float64 matrices, rows in (c, i) order.
 
     Same arguments and conventions as :func:`ntk_alignment`; the total kernel is
-    ``sum(result.values())``. Holds every K_l at once: for diagnostics and tests.
+    ``sum(result.values())``. Holds every K_l at once: for diagnostics and tests. Not a
+    collective: under torch.distributed every rank computes every K_l itself.
     """
     out = {}
     for name, kernel in _iter_layer_kernels(
@@ -410,6 +431,116 @@ def effective_rank(kernel: Tensor) -> float:
     return math.exp(float(-(p * p.log()).sum()))
 
 
+def _rank_and_world(distributed: bool) -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed group; (0, 1) otherwise."""
+    if distributed and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def tensor_costs(
+    model: nn.Module,
+    names: Sequence[str],
+    n_outputs: int,
+    masks: Masks | None = None,
+    capture: Capture | None = None,
+) -> dict[str, int]:
+    """Estimated multiply-adds of each K_l divided by n^2 (n is common to every tensor).
+
+    jacrev path: the (C n) x (C n) Gram of numel columns, C^2 numel. Factored Linear weight
+    (out, in): C^2 out (output-gradient Gram) + in (input Gram), + out * in when masked (the
+    masked formula's B); factored bias: C^2 out. Jacobian and backward passes are left out:
+    they grow like n, the Grams like n^2. Depends only on shapes, which path a tensor takes
+    and whether its mask prunes anything, so every rank of a job gets the same numbers.
+    """
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    factored = linear_tensors(model, names) if capture is not None else {}
+    costs = {}
+    for name in names:
+        shape, squared = shapes[name], n_outputs**2
+        if name not in factored:
+            costs[name] = squared * math.prod(shape)
+        elif factored[name][1] == "bias":
+            costs[name] = squared * shape[0]
+        else:
+            mask = None if masks is None else masks.get(name)
+            masked = mask is not None and not bool(mask.all())
+            costs[name] = squared * shape[0] + shape[1] + (shape[0] * shape[1] if masked else 0)
+    return costs
+
+
+def balance_tensors(costs: dict[str, int], world: int) -> list[list[str]]:
+    """Split the tensors over ``world`` ranks: greedy, largest cost first, to the least loaded.
+
+    Deterministic (equal costs keep the order of ``costs``, equal loads go to the lower rank),
+    so every rank computes the same split without communicating. Returns one list per rank,
+    each in the order of ``costs``; a rank gets [] when there are fewer tensors than ranks.
+    The largest tensor bounds the speed-up: tensors are never split between ranks.
+    """
+    order = {name: i for i, name in enumerate(costs)}
+    loads, shares = [0] * world, [[] for _ in range(world)]
+    for name in sorted(costs, key=lambda k: (-costs[k], order[k])):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        loads[rank] += costs[name]
+        shares[rank].append(name)
+    return [sorted(share, key=order.__getitem__) for share in shares]
+
+
+def _accumulate(
+    layer_kernels, labels, per_layer: bool, total: Tensor | None = None
+) -> tuple[Tensor, dict, Tensor, list]:
+    """(K, per-layer alignments, y, names computed) from one process's (name, K_l) stream.
+
+    labels: C -> y (see :func:`label_vector`); total: a (C, n, C, n) float64 buffer to add
+    into, or None to reuse the first K_l as the running sum (no extra buffer).
+    """
+    per, y, done = {}, None, []
+    for name, kernel in layer_kernels:
+        if y is None:
+            y = labels(kernel.shape[0]).to(kernel.device)
+        if per_layer:
+            per[name] = kernel_alignment(kernel, y)
+        total = kernel if total is None else total.add_(kernel)
+        done.append(name)
+    return total, per, y, done
+
+
+def _shared_kernel(kernel_args: tuple, labels, per_layer: bool, rank: int, world: int):
+    """:func:`_accumulate`'s values on every rank of a torch.distributed job.
+
+    kernel_args: the arguments of :func:`_iter_layer_kernels` (model, inputs, masks, params,
+    centered, memory_budget_mb, capture). Everything that can reject the arguments runs on
+    every rank before the collective, so a bad argument fails all ranks alike instead of
+    leaving the others waiting. This rank adds the K_l of its share into K and writes the
+    per-layer alignment of each (a scalar of K_l alone) into its slot; one all-reduce (sum)
+    of [K, per-layer scalars] completes both. Only (C n)^2 + L float64 numbers travel, never
+    the L per-layer blocks; non-owners add zeros, so an owner's NaN (undefined) stays NaN.
+    """
+    model, inputs, masks, params, _, memory_budget_mb, capture = kernel_args
+    _check_budget_positive(memory_budget_mb)
+    names = _resolve_params(model, masks, params)
+    _check_mask_shapes(names, masks, dict(model.named_parameters()))
+    prepared, _ = _prepare_inputs(model, inputs)
+    with _evaluation_mode(model):
+        n_outputs = _model_outputs(model, prepared)
+    n = prepared.shape[0]
+    _jacobian_budget(memory_budget_mb, n, n_outputs)
+    y = labels(n_outputs).to(prepared.device)
+    mine = balance_tensors(tensor_costs(model, names, n_outputs, masks, capture), world)[rank]
+    size, slots = (n_outputs * n) ** 2, len(names) if per_layer else 0
+    # One buffer holds both, so one collective; K is a view of it (no copy before sending).
+    shared = torch.zeros(size + slots, dtype=torch.float64, device=prepared.device)
+    total = shared[:size].view(n_outputs, n, n_outputs, n)
+    if mine:
+        stream = _iter_layer_kernels(*kernel_args[:3], mine, *kernel_args[4:])
+        _, values, _, _ = _accumulate(stream, lambda _c: y, per_layer, total)
+        for name, value in values.items():
+            shared[size + names.index(name)] = value
+    dist.all_reduce(shared)
+    per = {name: float(shared[size + i]) for i, name in enumerate(names)} if per_layer else {}
+    return total, per, y, mine
+
+
 def ntk_alignment(
     model: nn.Module,
     inputs: Tensor,
@@ -423,6 +554,7 @@ def ntk_alignment(
     memory_budget_mb: float = 256.0,
     capture: Capture | None = None,
     spectrum: bool = True,
+    distributed: bool = True,
 ) -> dict:
     """Tangent-kernel alignment of ``model`` on one probe batch (Baratin et al. 2021).
 
@@ -447,23 +579,30 @@ def ntk_alignment(
     faster), assuming examples do not interact in the eval-mode forward. The effective rank
     is the one O((C n)^3) step (an eigendecomposition in the model's dtype, about 0.05 s for
     C n = 1000 on 2 cores); ``spectrum=False`` skips it and returns ``effective_rank`` None.
+
+    ``distributed`` (default True) only matters inside an initialised torch.distributed group
+    of world > 1: the call is then a collective (every rank must make it, with the same model,
+    inputs, targets and masks); each rank computes the K_l of its share of the tensors
+    (:func:`balance_tensors` on :func:`tensor_costs`) and one all-reduce gives all ranks the
+    same K, so every value returned is the same on every rank and equals one process's up to
+    float summation order. ``distributed=False`` computes everything locally (e.g. on one rank
+    only). ``blocks_computed`` lists the tensors whose K_l this process computed (all of them
+    outside a job); the rest came from other ranks.
     """
     if targets.shape[0] != inputs.shape[0]:
         raise SettingError(
             f"targets hold {targets.shape[0]} examples but inputs hold {inputs.shape[0]}"
         )
-    total = None
-    per = {}
-    y = None
-    for name, kernel in _iter_layer_kernels(
-        model, inputs, masks, params, centered, memory_budget_mb, capture
-    ):
-        if y is None:
-            y = label_vector(targets, kernel.shape[0], targets_kind, num_classes, centered)
-            y = y.to(kernel.device)
-        if per_layer:
-            per[name] = kernel_alignment(kernel, y)
-        total = kernel if total is None else total.add_(kernel)
+
+    def labels(n_outputs: int) -> Tensor:
+        return label_vector(targets, n_outputs, targets_kind, num_classes, centered)
+
+    kernel_args = (model, inputs, masks, params, centered, memory_budget_mb, capture)
+    rank, world = _rank_and_world(distributed)
+    if world > 1:
+        total, per, y, done = _shared_kernel(kernel_args, labels, per_layer, rank, world)
+    else:
+        total, per, y, done = _accumulate(_iter_layer_kernels(*kernel_args), labels, per_layer)
     n_outputs, n = total.shape[0], total.shape[1]
     flat = total.reshape(n_outputs * n, n_outputs * n)
     return {
@@ -475,4 +614,5 @@ def ntk_alignment(
         "trace": float(flat.diagonal().sum()) / n,
         "n": n,
         "outputs": n_outputs,
+        "blocks_computed": done,
     }
