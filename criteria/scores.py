@@ -83,11 +83,21 @@ class TaylorCriterion:
             raise SettingError(f"lambda {self.lam!r} must be a finite number >= 0")
         if self.fisher not in ESTIMATORS:
             raise choice_error("Fisher estimator", self.fisher, ESTIMATORS)
-        if self.labels is None:  # resolved once, so ``crit.labels`` is always concrete
+        # resolved at once for a classifier, so ``crit.labels`` is always concrete; a task
+        # without categorical outputs gets its own default in ``labels_for``
+        object.__setattr__(self, "_labels_defaulted", self.labels is None)
+        if self.labels is None:
             object.__setattr__(self, "labels", default_labels(self.fisher))
         if self.labels not in LABELS:
             raise choice_error("Fisher labels", self.labels, LABELS)
         check_refit_every(self.refit_basis_every)
+
+    def labels_for(self, task: Task | None) -> str:
+        """The Fisher labels used on ``task``: the given ones, else the estimator's default
+        for that task (``curvature.default_labels``)."""
+        if self._labels_defaulted:
+            return default_labels(self.fisher, task)
+        return self.labels
 
     def evaluate(
         self,
@@ -112,14 +122,15 @@ class TaylorCriterion:
         g = mean_gradient(model, task, targets, batches) if self.uses_gradient else {}
         curv, estimators = None, {}
         if self.uses_curvature:
-            check_labels(self.labels, task, self.samples)
+            labels = self.labels_for(task)
+            check_labels(labels, task, self.samples)
             curv = fit_curvature(
                 self.fisher,
                 model,
                 task,
                 targets,
                 batches,
-                labels=self.labels,
+                labels=labels,
                 samples=self.samples,
                 generator=generator,
                 masks=masks,

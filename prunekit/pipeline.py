@@ -305,9 +305,7 @@ def make_run_criterion(settings: PruneSettings):
 
 def resolved_labels(crit, task: Task) -> str:
     """The Fisher labels a criterion will use on ``task`` (its own, or its estimator's default)."""
-    from prunekit.criteria.curvature import default_labels
-
-    return crit.labels if crit.labels is not None else default_labels(crit.fisher, task)
+    return crit.labels_for(task)
 
 
 def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: Task):

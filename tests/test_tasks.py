@@ -421,3 +421,55 @@ def test_encoder_distillation_cli_end_to_end(tmp_path, monkeypatch, cli):
         want = pruned(ids * att, att).numpy()
     got = sess.run(None, {"input_ids": (ids * att).numpy(), "attention_mask": att.numpy()})[0]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_scoring_an_encoder_on_dict_batches_leaves_no_trace():
+    from prunekit.models import encoder
+
+    torch.manual_seed(0)
+    model = encoder(vocab=30, dim=16, heads=2, layers=1, ffn=32, max_len=12).train()
+    ids = torch.randint(1, 30, (24, 10))
+    mask = (torch.arange(10)[None] < torch.randint(2, 11, (24, 1))).long()
+    batches = [{"input_ids": ids * mask, "attention_mask": mask}]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for criterion, fisher in (("obd", "ekfac"), ("obd", "kfac"), ("obd", "diag"), ("lm", None)):
+        settings = {"fisher": fisher} if fisher else {}
+        scores = prunekit.score(model, batches, criterion=criterion, task=EmbeddingTask(),
+                                **settings)  # fmt: skip
+        assert set(scores) == {n for n, _ in model.named_parameters() if n.endswith("weight")
+                               and ("attn" in n or "ffn" in n)}  # fmt: skip
+        assert all(torch.isfinite(s).all() and s.dtype == torch.float32 for s in scores.values())
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                   for m in model.modules())  # fmt: skip
+
+
+class EmbeddingTask:
+    """Regression of the pooled embedding toward zero, with a Gaussian predictive."""
+
+    def forward(self, model, batch):
+        return model(**batch)
+
+    def loss(self, outputs, batch):
+        return 0.5 * outputs.pow(2).sum(1).mean()
+
+    def sample(self, outputs, generator):
+        return outputs.detach() + torch.randn(outputs.shape, generator=generator)
+
+
+def test_a_task_reading_a_missing_position_is_named():
+    from prunekit.data import check_data_fits
+
+    data = bundle_from_batches([(torch.randn(10, 6), torch.zeros(10, dtype=torch.long))])
+
+    class Third:
+        def forward(self, model, batch):
+            return model(batch[2])
+
+        def loss(self, outputs, batch):
+            return outputs.sum()
+
+    with pytest.raises(DataError, match="forward cannot consume the batch: position out of range"):
+        check_data_fits(small_mlp(), data, as_task(Third()))
