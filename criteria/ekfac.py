@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.criteria.diag import Diag, fit_diag
+from prunekit.criteria.eigh import factor_eighs
 from prunekit.criteria.fisher import check_labels
 from prunekit.criteria.kfac import (
     KFAC,
@@ -47,7 +48,6 @@ from prunekit.criteria.kfac import (
     reiterable,
     split_targets,
     stream_rows,
-    symmetric_eigh,
 )
 from prunekit.errors import DataError, ModelError
 from prunekit.types import Batch, Masks, Target, Task, all_reduce_sums
@@ -80,11 +80,13 @@ class EKFACBasis:
 
 
 def eigenbasis(kfac: KFAC) -> EKFACBasis:
-    """Eigendecompose KFAC's factors (in the factors' dtype: float32, float64 in oracles)."""
-    u_a, u_g, lam_a, lam_g = {}, {}, {}, {}
-    for t in kfac.layers:
-        lam_a[t], u_a[t] = symmetric_eigh(kfac.A[t])
-        lam_g[t], u_g[t] = symmetric_eigh(kfac.G[t])
+    """Eigendecompose KFAC's factors (in the factors' dtype: float32, float64 in oracles).
+
+    In a torch.distributed job the decompositions are spread over the ranks and broadcast
+    (``criteria.eigh.eigh_factors``; every rank must call this together): the same basis,
+    bit for bit, on every rank and as in one process, for 1/world of the work.
+    """
+    lam_a, u_a, lam_g, u_g = factor_eighs(kfac.layers, kfac.A, kfac.G)
     return EKFACBasis(dict(kfac.layers), u_a, u_g, lam_a, lam_g)
 
 

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from prunekit.criteria.capture import capture, scoring_mode
 from prunekit.criteria.diag import Diag, damping_value, fit_diag
+from prunekit.criteria.eigh import factor_eighs
 from prunekit.criteria.fisher import check_labels, label_sets, term_values
 from prunekit.criteria.persample import (
     conv_patches,
@@ -369,15 +370,6 @@ def params_to_block(layer: Layer, weight: Tensor, bias: Tensor | None, fill: flo
     return block
 
 
-def symmetric_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
-    """(eigenvalues clamped at 0, eigenvectors) of a batch of PSD matrices, in m's dtype.
-
-    Rounding can make tiny eigenvalues of a PSD matrix negative; they are clamped to 0.
-    """
-    vals, vecs = torch.linalg.eigh(m)
-    return vals.clamp_min(0), vecs
-
-
 @dataclass(frozen=True)
 class KFAC:
     """KFAC curvature: per factored target, A (groups, i', i') and G (groups, o, o).
@@ -419,13 +411,16 @@ class KFAC:
         return {n: v for n, v in full.items() if n not in self.layers}
 
     def kfe(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-        """(U_G, lambda_G ⊗ lambda_A, U_A) per target: KFAC in its eigenbasis (eigh here)."""
-        out = {}
-        for t in self.layers:
-            lam_a, u_a = symmetric_eigh(self.A[t])
-            lam_g, u_g = symmetric_eigh(self.G[t])
-            out[t] = (u_g, lam_g[..., :, None] * lam_a[..., None, :], u_a)
-        return out
+        """(U_G, lambda_G ⊗ lambda_A, U_A) per target: KFAC in its eigenbasis.
+
+        The eigendecompositions run here, spread over the ranks of a torch.distributed job
+        (``criteria.eigh.eigh_factors``): every rank must call this together.
+        """
+        lam_a, u_a, lam_g, u_g = factor_eighs(self.layers, self.A, self.G)
+        return {
+            t: (u_g[t], lam_g[t][..., :, None] * lam_a[t][..., None, :], u_a[t])
+            for t in self.layers
+        }
 
     def inverse_diagonal(self, damping: float = 1e-3, absolute: float = 0.0) -> dict[str, Tensor]:
         """diag((F + lam I)^-1) per target, lam = damping * mean(eigenvalues) + absolute."""
