@@ -356,3 +356,92 @@ def test_embedding_hook_path_equals_the_per_example_path(monkeypatch):
     torch.testing.assert_close(hooked["embed.weight"], looped["embed.weight"], **CLOSE)
     assert hooked["embed.weight"][0].abs().max() == 0
     assert hooked["embed.weight"][1:].abs().max() > 0
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 10**9])
+def test_ekfac_second_pass_route_masks_like_the_row_cache(cache_bytes):
+    # cache_bytes=0: S comes from fit_scaling's own pass (not the RowCache of the factor pass)
+    model, task, batch = _setup("classification", leak=True)
+    targets = find_targets(model)
+    keep = {"proj.weight": torch.rand(DIM, DIM, generator=torch.Generator().manual_seed(3)) > 0.3}
+    fits = [
+        fit_ekfac(model, task, targets, [batch], labels="exact", masks=keep, cache_bytes=c)
+        for c in (cache_bytes, 10**9)
+    ]
+    for t in LAYERS:
+        torch.testing.assert_close(fits[0].scaling[f"{t}.weight"], fits[1].scaling[f"{t}.weight"])
+
+
+class Flattened(SeqNet):
+    """proj runs on (N*T, D): its first dimension is not the batch."""
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.to(torch.float64)[..., None]
+        e = self.embed(input_ids)
+        h = torch.tanh(self.proj(e.flatten(0, 1))).unflatten(0, e.shape[:2])
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def test_a_linear_fed_tokens_as_rows_takes_the_exact_per_example_path():
+    model, task, batch = Flattened(), SeqClassification(), make_batch()
+    targets = {k: v for k, v in find_targets(model).items() if k != "mix.weight"}
+    diag = fit_diag(model, task, targets, [batch], labels="exact")
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def terms(p, ids, mask):
+        return _terms(task, functional_call(model, p, (ids[None], mask[None])), None, "exact")
+
+    inputs = batch[0]
+    grads = vmap(jacrev(terms), in_dims=(None, 0, 0))(
+        params, inputs["input_ids"], inputs["attention_mask"]
+    )
+    for t in targets:
+        torch.testing.assert_close(diag.values[t], grads[t].pow(2).sum(1).mean(0), **CLOSE)
+
+
+class Tied(SeqNet):
+    """The head's weight is the embedding's (vocabulary-sized outputs, tied weights)."""
+
+    def __init__(self):
+        super().__init__(outputs=VOCAB)
+        self.head.weight = self.embed.weight
+
+
+def test_a_tied_weight_gets_the_gradient_of_all_its_uses():
+    model, task, batch = Tied(), SeqClassification(), make_batch()
+    batch = (batch[0], batch[1] % VOCAB)
+    targets = find_targets(model, embeddings=True)
+    assert "embed.weight" in targets and "head.weight" not in targets
+    diag = fit_diag(model, task, targets, [batch], labels="empirical")
+    grads, _ = per_example(model, task, batch, "empirical")
+    want = grads["embed.weight"].pow(2).sum(1).mean(0)
+    torch.testing.assert_close(diag.values["embed.weight"], want, **CLOSE)
+
+
+class WithAttention(nn.Module):
+    """nn.MultiheadAttention reads out_proj.weight itself: out_proj never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.attn = nn.MultiheadAttention(DIM, 2, batch_first=True)
+        self.head = nn.Linear(DIM, CLASSES)
+        self.double()
+
+    def forward(self, input_ids, attention_mask):
+        e = self.embed(input_ids)
+        h, _ = self.attn(e, e, e, key_padding_mask=~attention_mask.bool(), need_weights=False)
+        m = attention_mask.to(h.dtype)[..., None]
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def test_a_factored_module_that_never_runs_is_refused_not_zeroed():
+    from prunekit.errors import ModelError
+
+    model, task, batch = WithAttention(), SeqClassification(), make_batch()
+    targets = find_targets(model)
+    assert "attn.out_proj.weight" in targets
+    with pytest.raises(ModelError, match=r"attn\.out_proj.*--fisher diag"):
+        fit_kfac(model, task, targets, [batch], labels="exact")
+    diag = fit_diag(model, task, targets, [batch], labels="exact")  # exact path: non-zero
+    assert diag.values["attn.out_proj.weight"].abs().max() > 0
