@@ -91,10 +91,16 @@ def test_bad_cnn_settings_raise(kwargs):
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_example_arch_builds_and_fits_its_data_shape(name):
+    from prunekit.data import check_data_fits, load_data
+
     ex = EXAMPLES[name]
     model = build_model(ex.arch)
-    size = 8 if ex.data == "digits" else 28
-    assert model(torch.randn(2, 1, size, size)).shape == (2, 10)
+    if ex.data in ("digits", "mnist5k"):
+        size = 8 if ex.data == "digits" else 28
+        assert model(torch.randn(2, 1, size, size)).shape == (2, 10)
+    else:  # token data: the example's own spec, dict inputs
+        data = load_data(ex.data)
+        assert check_data_fits(model, data).shape == (2, data.num_classes)
     assert ex.epochs > 0 and ex.lr > 0 and ex.description
 
 
