@@ -127,7 +127,8 @@ def finetune(
     if masks:
         apply_masks(model, masks)
     optimizer = make_optimizer(model, settings)
-    start, loss_sum, done = time.perf_counter(), 0.0, 0
+    # the loss is summed on the device: a float() per step would sync a GPU every step
+    start, loss_sum, done = time.perf_counter(), torch.zeros((), device=device), 0
     model.train()
     stream = _batches_forever(batches)
     for step, batch in zip(range(total), stream, strict=False):
@@ -138,14 +139,15 @@ def finetune(
         loss = task.loss(task.forward(model, batch), batch)
         loss.backward()
         _masked_step(model, optimizer, params, masks, settings)
-        loss_sum, done = loss_sum + float(loss.detach()), done + 1
+        loss_sum, done = loss_sum + loss.detach().float(), done + 1
         if progress:
             progress(done, total)
         if on_step:
             on_step(done)
     optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return {"steps": done, "seconds": time.perf_counter() - start, "loss": loss_sum / max(done, 1)}
+    mean_loss = float(loss_sum) / max(done, 1)
+    return {"steps": done, "seconds": time.perf_counter() - start, "loss": mean_loss}
 
 
 @torch.no_grad()
