@@ -22,7 +22,14 @@ eigendecomposition. Layers whose rows do not fit get a second pass that replays 
 same labels (the generator state is restored), so both routes give the same S.
 Without a mask and with one position (Linear on 2-D inputs) S is one matmul per batch,
 ``(g U_G)^2^T (a U_A)^2``; with positions (convs) or a mask, per-example gradients are
-built in bounded chunks and projected with one GEMM per group and side.
+built in bounded chunks and projected with one GEMM per group and side. The
+eigendecompositions are spread over the ranks of a torch.distributed job
+(``criteria.eigh``).
+
+Sequences. The rows come from ``kfac.stream_rows``, which zeroes the rows of padded
+positions (``Task.position_mask``) of Linear layers applied to (N, T, ...) inputs, so
+both the basis and S (cached rows or the second pass alike) ignore padding; S sums an
+example's real positions before squaring and divides by N only (no 1/T_n, unlike G).
 """
 
 from __future__ import annotations
