@@ -51,10 +51,10 @@ def check_labels(labels: str, task: Task, samples: int = 1) -> None:
     """Raise SettingError unless ``labels`` is valid for ``task`` (and samples >= 1)."""
     if labels not in LABELS:
         raise choice_error("Fisher labels", labels, LABELS)
-    if labels == "exact" and task.kind != "classification":
+    if labels == "exact" and not task.categorical:
         raise SettingError(
-            f"Fisher labels 'exact' need a classification task, not {task.kind!r}; "
-            "use --fisher-labels sampled or empirical"
+            f"Fisher labels 'exact' need a categorical output (a classifier, or distillation "
+            f"with kl), not a {task.kind!r} task; use --fisher-labels sampled or empirical"
         )
     if labels == "sampled":
         int_setting(samples, "Fisher samples", 1)
@@ -74,14 +74,23 @@ def label_sets(
     return None
 
 
-def term_values(task: Task, outputs: Tensor, sets: list[Tensor] | None) -> list[Tensor]:
-    """Per-example scalars (each shape (N,)) whose squared gradients sum to the Fisher."""
+def term_values(
+    task: Task, outputs: Tensor, sets: list[Tensor] | None, batch: Batch = None
+) -> list[Tensor]:
+    """Values whose summed squared per-example gradients, over all terms, give the Fisher.
+
+    One term per class for exact labels (``task.exact_terms``), else one per label set,
+    scaled by 1/sqrt(#sets). Given the ``batch``, a set's term is the task's
+    ``example_losses`` on the batch with those targets (a user task without per-example
+    losses gives the batch total, which is all the gradients need); without it,
+    ``task.nll(outputs, targets)``. Built-in tasks give (N,) per-example values.
+    """
     if sets is None:
-        logp = torch.log_softmax(outputs, dim=-1)
-        root_p = logp.detach().exp().sqrt()
-        return [-(logp[:, c] * root_p[:, c]) for c in range(logp.shape[-1])]
+        return task.exact_terms(outputs)
     weight = 1.0 / math.sqrt(len(sets))
-    return [task.nll(outputs, y) * weight for y in sets]
+    if batch is None:
+        return [task.nll(outputs, y) * weight for y in sets]
+    return [task.example_losses(outputs, task.with_targets(batch, y)) * weight for y in sets]
 
 
 def _hook_sq_grads(
@@ -182,7 +191,7 @@ def _vmap_sq_grads(model, task, batch, sets, names, params) -> dict[str, Tensor]
         sub = _tensor_leaves(example, lambda v: v.unsqueeze(0))
         sub_sets = None if ys is None else [y.unsqueeze(0) for y in ys.unbind(0)]
         out = functional_call(net, {**fixed, **weights}, (sub,))
-        return torch.stack([v.sum() for v in term_values(task, out, sub_sets)])
+        return torch.stack([v.sum() for v in term_values(task, out, sub_sets, sub)])
 
     weights = {f"model.{n}": params[n].detach() for n in names}
     per_call = vmap(
@@ -233,7 +242,7 @@ def _loop_sq_grads(model, task, batch, sets, names, params, acc) -> None:
     for i in range(batch_size(batch)):
         sub = slice_batch(batch, i)
         sub_sets = None if sets is None else [y[i : i + 1] for y in sets]
-        for term in term_values(task, task.forward(model, sub), sub_sets):
+        for term in term_values(task, task.forward(model, sub), sub_sets, sub):
             grads = torch.autograd.grad(term.sum(), tensors, retain_graph=True, allow_unused=True)
             for n, g in zip(names, grads, strict=True):
                 if g is not None:
@@ -272,7 +281,7 @@ def squared_gradient_sums(
             outputs = task.forward(model, batch)
             sets = label_sets(task, outputs, batch, labels, samples, gen)
             hooked = {n: m for n, m in fast.items() if _hookable(modules[m], rec, m, n_batch)}
-            for term in term_values(task, outputs, sets):
+            for term in term_values(task, outputs, sets, batch):
                 grads = rec.output_grads(term.sum(), sorted(set(hooked.values())))
                 for n, m in hooked.items():
                     gys = [g.detach() for g in grads[m]]

@@ -246,15 +246,15 @@ def stream_rows(
                     modules[m], by_module[m], rec.inputs[m], weights[m], dtype
                 )
             sets = label_sets(task, outputs, batch, labels, samples, generator)
-            terms = _term_rows(rec, modules, by_module, weights, task, outputs, sets, dtype)
+            terms = _term_rows(rec, modules, by_module, weights, task, outputs, sets, dtype, batch)
             yield BatchRows(n, acts, positions, terms)
             del outputs
 
 
-def _term_rows(rec, modules, by_module, weights, task, outputs, sets, dtype):
+def _term_rows(rec, modules, by_module, weights, task, outputs, sets, dtype, batch):
     """Gradient rows of each label term (a generator, so only one term is held at once)."""
     reached = list(weights)
-    for term in term_values(task, outputs, sets):
+    for term in term_values(task, outputs, sets, batch):
         grads = rec.output_grads(term.sum(), reached)
         yield {
             by_module[m].target: _cat_calls(
