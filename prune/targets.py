@@ -38,6 +38,27 @@ def _kind_of(module: nn.Module, param: str, embeddings: bool) -> str | None:
     return None
 
 
+_MHA_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _attention_kinds(model: nn.Module) -> dict[str, str]:
+    """nn.MultiheadAttention's projections (full parameter names) -> kind 'other'.
+
+    It calls its packed in-projection and its out_proj's weight functionally, so no module
+    hook ever sees them: they are targets with the exact (diagonal) curvature path.
+    """
+    kinds = {}
+    for name, module in model.named_modules():
+        if not _is(module, (nn.MultiheadAttention,)):
+            continue
+        prefix = f"{name}." if name else ""
+        for p_name, p in module.named_parameters(recurse=False):
+            if p_name in _MHA_PROJECTIONS and p is not None:
+                kinds[prefix + p_name] = "other"
+        kinds[f"{prefix}out_proj.weight"] = "other"
+    return kinds
+
+
 def find_targets(
     model: nn.Module,
     include: tuple[str, ...] = (),
@@ -47,15 +68,18 @@ def find_targets(
     """Prunable tensors of ``model`` keyed by parameter name, in ``named_parameters`` order.
 
     include/exclude: fnmatch patterns on parameter names (include empty = all default
-    targets). embeddings: also prune nn.Embedding weights. Modules may opt in other
-    parameters through a ``prunable_parameters()`` method returning local names.
+    targets). embeddings: also prune nn.Embedding weights. nn.MultiheadAttention's in- and
+    out-projections are targets of kind 'other' (its forward bypasses module hooks). Modules
+    may opt in other parameters through a ``prunable_parameters()`` method returning local
+    names.
     Raises ModelError when nothing is left to prune.
     """
     found: dict[str, Target] = {}
+    attention = _attention_kinds(model)
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
-            kind = _kind_of(module, p_name, embeddings)
             full = f"{mod_name}.{p_name}" if mod_name else p_name
+            kind = attention.get(full) or _kind_of(module, p_name, embeddings)
             if kind is None:
                 continue
             if include and not any(fnmatchcase(full, pat) for pat in include):

@@ -473,3 +473,39 @@ def test_a_task_reading_a_missing_position_is_named():
 
     with pytest.raises(DataError, match="forward cannot consume the batch: position out of range"):
         check_data_fits(small_mlp(), data, as_task(Third()))
+
+
+class TorchEncoder(nn.Module):
+    """nn.TransformerEncoder (MultiheadAttention bypasses module hooks) with masked pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.enc(self.emb(input_ids), src_key_padding_mask=attention_mask == 0)
+        m = attention_mask.unsqueeze(-1).float()
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def test_torch_transformer_encoder_prunes_its_attention_projections():
+    torch.manual_seed(0)
+    model = TorchEncoder()
+    targets = find_targets(model)
+    assert targets["enc.layers.0.self_attn.in_proj_weight"].kind == "other"
+    assert targets["enc.layers.0.self_attn.out_proj.weight"].kind == "other"
+    assert targets["enc.layers.0.linear1.weight"].kind == "linear"
+    ids = torch.randint(1, 30, (48, 10))
+    mask = (torch.arange(10)[None] < torch.randint(3, 11, (48, 1))).long()
+    result = prunekit.prune(
+        model, [{"input_ids": ids * mask, "attention_mask": mask}] * 2, loss="distill",
+        sparsity=0.4, steps=2, finetune_epochs=0.5, final_epochs=0.5,
+    )  # fmt: skip
+    est = result.report["estimators"]
+    assert est["enc.layers.0.self_attn.in_proj_weight"] == "diag"
+    assert est["enc.layers.0.linear1.weight"] == "ekfac"
+    assert result.report["sparsity"]["per_layer"]["enc.layers.0.self_attn.in_proj_weight"] > 0
+    assert result.report["metrics"]["finetuned"]["cosine"] > 0.95
