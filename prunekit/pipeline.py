@@ -1261,4 +1261,9 @@ def explain_recipe(recipe: dict) -> dict:
     ]
     if settings.scope == "global":
         notes.append("global scope: per-layer sparsity depends on the scores (known after run)")
+    if settings.loss == "distill":
+        notes.append(
+            f"distillation: one forward pass of the dense model over all "
+            f"{data.n_train + data.n_val} examples first (targets, cached in the run)"
+        )
     return {"rows": rows, "totals": totals, "notes": notes, "targets": checked["targets"]}
