@@ -69,17 +69,16 @@ def _figure(ncols: int = 1):
 
 def _plot_loss_accuracy(metrics: list[dict], out: Path) -> Path:
     steps = [m["step"] for m in metrics]
-    has_acc = any(m.get("accuracy") is not None for m in metrics)
-    fig, axes = _figure(2 if has_acc else 1)
-    for key, label in (("loss_after_prune", "after prune"), ("loss_after_finetune", "after FT")):
-        axes[0].plot(steps, [_value(m.get(key)) for m in metrics], marker="o", label=label)
-    axes[0].set(xlabel="pruning step (0 = dense)", ylabel="loss", title="Loss")
-    axes[0].legend()
-    if has_acc:
-        for key, label in (("accuracy_after_prune", "after prune"), ("accuracy", "after FT")):
-            axes[1].plot(steps, [_value(m.get(key)) for m in metrics], marker="o", label=label)
-        axes[1].set(xlabel="pruning step (0 = dense)", ylabel="accuracy", title="Accuracy")
-        axes[1].legend()
+    panels = [("loss", "Loss", "loss_after_prune", "loss_after_finetune")]
+    for key, title in (("accuracy", "Accuracy"), ("cosine", "Cosine similarity to dense")):
+        if any(m.get(key) is not None for m in metrics):  # cosine: distillation runs
+            panels.append((key, title, f"{key}_after_prune", key))
+    fig, axes = _figure(len(panels))
+    for ax, (ylabel, title, pruned, tuned) in zip(axes, panels, strict=True):
+        for key, label in ((pruned, "after prune"), (tuned, "after FT")):
+            ax.plot(steps, [_value(m.get(key)) for m in metrics], marker="o", label=label)
+        ax.set(xlabel="pruning step (0 = dense)", ylabel=ylabel, title=title)
+        ax.legend()
     return _save(fig, out / "loss_accuracy.png")
 
 
@@ -197,8 +196,8 @@ def _plot_per_layer_heatmap(records: list[dict], out: Path) -> Path:
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write the run's plots to run_dir/plots/ and return their paths (PNG, Agg backend).
 
-    Always: loss_accuracy.png (loss, and accuracy when measured, after prune and after
-    fine-tuning, vs step) and sparsity.png (per-layer and global fraction pruned vs step).
+    Always: loss_accuracy.png (loss, and accuracy / cosine similarity to the dense model
+    when measured, after prune and after fine-tuning, vs step) and sparsity.png (per-layer and global fraction pruned vs step).
     With ntk.jsonl: ntk_alignment_steps.png (train/val alignment vs step, sparsity on a
     second axis), ntk_alignment_finetune.png (alignment vs fine-tuning iteration, one line
     per step, only when records inside fine-tuning exist) and ntk_per_layer.png (heat map,

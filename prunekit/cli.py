@@ -254,6 +254,9 @@ def prune(
     exclude: list[str] = typer.Option(
         [], help="Never prune parameters matching this glob (repeatable)."
     ),
+    embeddings: bool = typer.Option(
+        False, help="Also prune nn.Embedding weights (scored with the diagonal Fisher)."
+    ),
     refit_basis_every: int = typer.Option(
         0,
         help="EKFAC: refit the eigenbasis every N steps (0 = keep the first basis, refit "
@@ -344,6 +347,7 @@ def prune(
         distill_metric=distill_metric,
         temperature=temperature,
         task_spec=task,
+        embeddings=embeddings,
     )
     bundle = resolve_data(data_spec, seed=seed)
     with _distributed(device) as rank, BarProgress(enabled=not quiet and rank == 0) as bars:

@@ -32,7 +32,7 @@ from prunekit.types import (
     take_rows,
 )
 
-DATA_KINDS = (*TASK_KINDS, "inputs")
+DATA_KINDS = (*TASK_KINDS, "inputs", "distill")
 Inputs = Tensor | dict[str, Tensor]
 
 
@@ -42,8 +42,9 @@ class DataBundle:
 
     x_*: inputs (N, ...), a float32 tensor or a dict name -> tensor (N, ...) (integer
     columns such as token ids stay int64; dict entries are the model's keyword arguments);
-    y_*: class indices (N,) int64 for classification, float32 targets for regression, or
-    None for inputs-only data; kind: one of DATA_KINDS; num_classes: number of classes
+    y_*: class indices (N,) int64 for classification, float32 targets for regression,
+    None for inputs-only data, or a dict of tensors (distillation: teacher outputs and
+    labels); kind: one of DATA_KINDS; num_classes: number of classes
     (0 otherwise); name: the spec it came from.
     """
 
@@ -77,9 +78,14 @@ class DataBundle:
         """The first ``n`` training examples (fixed, unshuffled) as a list of batches."""
         return list(Batches(self.x_train, self.y_train, batch_size, None, limit=n))
 
-    def with_targets(self, y_train: Tensor, y_val: Tensor, kind: str) -> DataBundle:
-        """The same inputs with other targets (e.g. a teacher's outputs for distillation)."""
+    def with_targets(self, y_train, y_val, kind: str) -> DataBundle:
+        """The same inputs with other targets (a tensor or a dict of tensors per split, e.g.
+        a teacher's outputs and the class labels for distillation)."""
         return dataclasses.replace(self, y_train=y_train, y_val=y_val, kind=kind, num_classes=0)
+
+    def inputs_only(self) -> DataBundle:
+        """The same inputs without targets (batches are the inputs alone)."""
+        return dataclasses.replace(self, y_train=None, y_val=None, kind="inputs", num_classes=0)
 
 
 class Batches:
@@ -103,7 +109,7 @@ class Batches:
             if order is not None:
                 index = order[index]
             x = take_rows(self.x, index)
-            yield x if self.y is None else (x, self.y[index])
+            yield x if self.y is None else (x, take_rows(self.y, index))
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -191,8 +197,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 def _from_npz(path: Path) -> tuple:
     """(x, y, x_val, y_val) of an .npz; x is an array, or a dict of named input arrays.
 
-    Either ``x`` [+ ``y``] (+ ``x_val``, ``y_val``), or named inputs (e.g. ``input_ids``,
-    ``attention_mask``) with optional ``NAME_val`` twins and optional ``y``/``y_val``.
+    Either ``x`` [+ ``y``] (+ ``x_val``, ``y_val``; x becomes float32), or named inputs
+    (e.g. ``input_ids``, ``attention_mask``, integer columns stay int64) with optional
+    ``NAME_val`` twins and optional ``y``/``y_val``.
     """
     arrays = _read_npz(path)
     if not arrays:
@@ -283,7 +290,7 @@ def _column(a: np.ndarray) -> Tensor:
 def _inputs(x, standardise_with=None) -> Tensor | dict[str, Tensor]:
     if isinstance(x, dict):
         return {k: _column(v) for k, v in x.items()}
-    x = np.asarray(x, np.float32)
+    x = np.asarray(x, np.float32)  # x is numeric features or pixels; token ids use named arrays
     if standardise_with is not None:
         x = (x - standardise_with[0]) / standardise_with[1]
     return torch.from_numpy(x)
@@ -390,7 +397,7 @@ def _consume_error(exc: Exception, data: DataBundle, stage: str) -> DataError:
         where = f"key {exc.args[0]!r} is missing" if exc.args else "a key is missing"
         have = f"the batch has keys {keys}" if keys else "the batch is not a dict"
         return DataError(f"the task's {stage} cannot consume the batch: {where}; {have}")
-    if isinstance(exc, IndexError):
+    if isinstance(exc, IndexError) and ("tuple index" in str(exc) or "list index" in str(exc)):
         return DataError(
             f"the task's {stage} cannot consume the batch: position out of range "
             f"({first_line(exc)}); batches are (inputs, targets) or inputs alone"
@@ -418,14 +425,27 @@ def check_data_fits(model: nn.Module, data: DataBundle, task: Task | None = None
         out = task.forward(model, batch) if task else call_model(model, batch_inputs(batch))
         if task is not None and loss:
             stage = "loss"
-            task.loss(out, batch)
+            value = task.loss(out, batch)
     except Exception as exc:  # any failure here means the data does not fit model or task
         raise _consume_error(exc, data, stage) from exc
     finally:
         model.train(was_training)
+    if task is not None and loss:
+        _check_loss_value(value)
     if task is None or task.kind in TASK_KINDS:
         _check_outputs(out, data)
     return out
+
+
+def _check_loss_value(value) -> None:
+    """A task's loss must be the batch's scalar mean (one floating-point number)."""
+    if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
+        got = f"shape {tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else (
+            type(value).__name__
+        )
+        raise DataError(
+            f"the task's loss must return a scalar float tensor (the batch mean), got {got}"
+        )
 
 
 def _check_outputs(out, data: DataBundle) -> None:

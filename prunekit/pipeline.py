@@ -46,6 +46,8 @@ STEP_KEYS = (
     "loss_after_compensation",
     "loss_before_recalibration",
     "loss_after_recalibration",
+    "cosine_after_prune",
+    "cosine",
 )
 NTK_MAX_OUTPUTS = 10
 NTK_MAX_WEIGHTS = 500_000
@@ -78,7 +80,8 @@ class PruneSettings:
     'classification', 'regression' or 'distill' (targets = the dense model's outputs);
     distill_metric: 'auto' (kl for class-labelled data, else cosine), 'kl', 'mse' or
     'cosine'; temperature: the KL temperature; task_spec: 'module:factory' of a user task
-    (its forward runs the model; its loss trains unless loss is 'distill').
+    (its forward runs the model; its loss trains unless loss is 'distill'); embeddings:
+    also prune nn.Embedding weights (diagonal Fisher).
     """
 
     criterion: str = "obd"
@@ -114,6 +117,7 @@ class PruneSettings:
     distill_metric: str = "auto"
     temperature: float = 1.0
     task_spec: str | None = None
+    embeddings: bool = False
 
     def finetune_settings(self, epochs: float) -> FinetuneSettings:
         """The fine-tuning phase settings for ``epochs`` epochs."""
@@ -187,11 +191,15 @@ TEACHER_FILE = "teacher.safetensors"
 
 
 def _fingerprint(model: nn.Module, data: DataBundle) -> str:
-    """sha256 of the dense weights and the data's name and sizes (keys the teacher cache)."""
+    """sha256 of the dense weights and the data's inputs, split included (keys the cache)."""
     import hashlib
 
     digest = hashlib.sha256(f"{data.name}|{data.n_train}|{data.n_val}".encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    named = [("model." + k, v) for k, v in sorted(model.state_dict().items())]
+    for part, inputs in (("train", data.x_train), ("val", data.x_val)):
+        columns = inputs if isinstance(inputs, dict) else {"x": inputs}
+        named += [(f"{part}.{k}", v) for k, v in sorted(columns.items())]
+    for name, tensor in named:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -246,33 +254,58 @@ def teacher_outputs(model: nn.Module, task: Task, data: DataBundle, cache=None) 
 def prepare_task(model, data: DataBundle, settings: PruneSettings, task=None, cache=None):
     """(task, data, teacher outputs or None) for a run.
 
-    task: a Task or user object given through the API, else ``settings.task_spec`` is
-    imported, else the built-in task for ``settings.loss`` / the data's labels. With
-    loss 'distill' the data's targets become the dense model's outputs (``teacher_outputs``,
-    cached at ``cache``) and the task a ``DistillationTask`` around the base task.
+    task: a Task or user object given through the API (a ``DistillationTask`` sets the
+    distillation settings), else ``settings.task_spec`` is imported, else the built-in task
+    for ``settings.loss`` / the data's labels. With loss 'distill' the data's targets become
+    {'teacher': the dense model's outputs (``teacher_outputs``, cached at ``cache``),
+    'labels': class labels when the data has them (for accuracy)} and the task a
+    ``DistillationTask`` whose base task runs the model on the inputs alone.
     Raises PrunekitError subclasses (one line) for tasks or data that cannot work.
     """
-    from prunekit.tasks import (
-        DistillationTask,
-        as_task,
-        base_task,
-        check_distillable,
-        load_task,
-        resolve_metric,
-    )
+    import dataclasses
 
+    from prunekit.tasks import DistillationTask, as_task, base_task, load_task
+
+    if isinstance(task, DistillationTask):
+        settings = dataclasses.replace(
+            settings, loss="distill", distill_metric=task.metric, temperature=task.temperature
+        )
+        task = task.base
+    _check_distill_settings(settings)
     user = as_task(task) if task is not None else None
     if user is None and settings.task_spec:
         user = load_task(settings.task_spec)
     base = base_task(settings.loss, data.kind, user)
     if settings.loss != "distill":
         return base, data, None
-    outputs = check_data_fits(model, data, base, loss=False)
-    metric = resolve_metric(settings.distill_metric, data.kind == "classification")
+    return _distillation(model, data, settings, base, cache)
+
+
+def _check_distill_settings(settings: PruneSettings) -> None:
+    if settings.loss == "distill":
+        return
+    if settings.distill_metric != "auto" or settings.temperature != 1.0:
+        raise SettingError(
+            f"distill metric {settings.distill_metric!r} / temperature {settings.temperature!r} "
+            f"only apply with --loss distill, not --loss {settings.loss}"
+        )
+
+
+def _distillation(model, data: DataBundle, settings: PruneSettings, base: Task, cache):
+    from prunekit.tasks import DistillationTask, check_distillable, resolve_metric
+
+    inputs = data.inputs_only()  # the base task sees exactly what the run will feed it
+    outputs = check_data_fits(model, inputs, base, loss=False)
+    classes = data.num_classes if data.kind == "classification" else 0
+    metric = resolve_metric(settings.distill_metric, classes, outputs)
     check_distillable(outputs, metric)
     distill = DistillationTask(base, metric, settings.temperature)
-    teacher = teacher_outputs(model, base, data, cache)
-    targets = {k: distill.prepare(v) for k, v in teacher.items()}
+    teacher = teacher_outputs(model, base, inputs, cache)
+    targets = {}
+    for part, labels in (("train", data.y_train), ("val", data.y_val)):
+        targets[part] = {"teacher": distill.prepare(teacher[part])}
+        if classes:
+            targets[part]["labels"] = labels
     return distill, data.with_targets(targets["train"], targets["val"], "distill"), teacher
 
 
@@ -320,8 +353,10 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
             f"{settings.criterion!r} with fisher {crit.fisher!r}"
         )
     check_data_fits(model, data, task)
+    labels = resolved_labels(crit, task) if crit.uses_curvature else None
+    _check_distill_gradients(settings.criterion, crit, task, labels)
     if crit.uses_curvature:
-        _check_label_source(resolved_labels(crit, task), task, data, crit.samples)
+        _check_label_source(labels, task, data, crit.samples)
     sparsities = schedule(settings.sparsity, settings.steps, settings.schedule)
     if settings.scope not in SCOPES:
         raise choice_error("scope", settings.scope, SCOPES)
@@ -330,8 +365,26 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     settings.finetune_settings(settings.finetune_epochs)
     settings.finetune_settings(settings.final_epochs)
     log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
-    targets = find_targets(model, settings.include, settings.exclude)
+    targets = find_targets(model, settings.include, settings.exclude, settings.embeddings)
     return crit, sparsities, targets
+
+
+def _check_distill_gradients(name: str, crit, task: Task, labels: str | None) -> None:
+    """Distillation starts at its optimum: the loss gradient is exactly zero at the dense
+    model, so gradient-only scores and the empirical Fisher would rank nothing."""
+    if task.kind != "distill":
+        return
+    if crit.uses_gradient and not crit.uses_curvature:
+        raise SettingError(
+            f"criterion {name!r} scores the loss gradient, which is zero at the dense "
+            "model under --loss distill (the student is the teacher); use obd, qm, obs or "
+            "magnitude"
+        )
+    if labels == "empirical":
+        raise SettingError(
+            "Fisher labels 'empirical' under --loss distill are gradients of a loss that is "
+            "zero at the dense model (every score 0); use --fisher-labels sampled or exact"
+        )
 
 
 def _check_label_source(labels: str, task: Task, data: DataBundle, samples: int) -> None:
@@ -343,20 +396,38 @@ def _check_label_source(labels: str, task: Task, data: DataBundle, samples: int)
             f"Fisher labels 'exact' need a categorical output (a classifier or --loss distill "
             f"with kl), not a {task.kind!r} task; use --fisher-labels sampled or empirical"
         )
-    if labels == "sampled" and not task.can_sample:
-        raise SettingError(
-            "Fisher labels 'sampled' need a task with sample(outputs, generator); "
-            "use --fisher-labels empirical"
-        )
+    batch = data.first_train(1, 1)[0]
+    if labels == "sampled":
+        if not task.can_sample:
+            raise SettingError(
+                "Fisher labels 'sampled' need a task with sample(outputs, generator); "
+                "use --fisher-labels empirical"
+            )
+        _check_label_slot(task, batch)
     if labels == "empirical":
         try:
-            task.targets(data.first_train(1, 1)[0])
+            task.targets(batch)
         except (KeyError, IndexError, TypeError) as exc:
             raise DataError(
                 f"Fisher labels 'empirical' need labels, and data {data.name!r} has inputs only "
-                "(use --fisher-labels sampled, or --loss distill)"
+                "(use --fisher-labels sampled with a task that has sample(), or --loss distill)"
             ) from exc
     check_labels(labels, task, samples)
+
+
+def _check_label_slot(task: Task, batch) -> None:
+    """Sampled labels reach the loss through ``task.with_targets``: for dict batches the
+    default writes ``batch[task.label_key]``, which the batch must already hold."""
+    if not isinstance(batch, dict):
+        return
+    own = getattr(getattr(task, "obj", None), "with_targets", None)
+    key = getattr(task, "label_key", "labels")
+    if own is None and type(task).with_targets is Task.with_targets and key not in batch:
+        raise SettingError(
+            f"sampled Fisher labels are written to batch[{key!r}], which the dict batches "
+            f"(keys {sorted(batch)}) lack; give the task a label_key naming its label entry "
+            "or a with_targets(batch, targets) method"
+        )
 
 
 def _eval(model: nn.Module, task: Task, data: DataBundle) -> dict:
@@ -377,6 +448,11 @@ def ntk_is_cheap(num_outputs: int, target_weights: int) -> bool:
     return num_outputs <= NTK_MAX_OUTPUTS and target_weights <= NTK_MAX_WEIGHTS
 
 
+def _kernel_targets(y):
+    """The NTK alignment's targets: the labels, or a distillation's teacher outputs."""
+    return y["teacher"] if isinstance(y, dict) else y
+
+
 class NtkLog:
     """Alignment on fixed train/validation probes, one ntk.jsonl record per call."""
 
@@ -395,11 +471,11 @@ class NtkLog:
         device = next(model.parameters()).device
         self.train = (
             data.x_train[self.probe["train"]].to(device),
-            data.y_train[self.probe["train"]].to(device),
+            _kernel_targets(data.y_train)[self.probe["train"]].to(device),
         )
         self.val = (
             data.x_val[self.probe["val"]].to(device),
-            data.y_val[self.probe["val"]].to(device),
+            _kernel_targets(data.y_val)[self.probe["val"]].to(device),
         )
         self.records: list[dict] = []
 
@@ -525,6 +601,8 @@ class _Run:
                 "ntk_alignment": ntk_value,
             }
         )
+        if "cosine" in after:  # distillation: similarity to the dense outputs
+            self.rows[-1].update(cosine_after_prune=after_prune["cosine"], cosine=after["cosine"])
 
 
 def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, list[float]]:
@@ -552,7 +630,8 @@ def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, lis
         raise SettingError(f"--ntk needs {unsupported}; use --no-ntk")
     use_ntk = settings.ntk
     if use_ntk is None:
-        outputs = data.num_classes if data.kind == "classification" else data.y_train[0].numel()
+        classifier = data.kind == "classification"
+        outputs = data.num_classes if classifier else _kernel_targets(data.y_train)[0].numel()
         cheap = ntk_is_cheap(outputs, sum(t.numel for t in targets.values()))
         use_ntk = cheap and not unsupported
     if use_ntk:
@@ -1078,6 +1157,7 @@ def settings_from_recipe(recipe: dict) -> PruneSettings:
         weight_decay=float(ft["weight_decay"]),
         include=tuple(recipe["targets"]["include"]),
         exclude=tuple(recipe["targets"]["exclude"]),
+        embeddings=recipe["targets"]["embeddings"],
         seed=recipe["seed"],
         refit_basis_every=crit["refit_basis_every"],
         masked_scaling=crit["masked_scaling"],
@@ -1198,12 +1278,42 @@ def validate_recipe(recipe: dict) -> dict:
         from prunekit.export import check_modes
 
         check_modes(recipe["export"]["storage"], recipe["export"]["quantize"])
+    _check_recipe_task(recipe)
     model = _meta_model(recipe)
     targets = None
     if model is not None:
-        found = find_targets(model, settings.include, settings.exclude)
+        found = find_targets(model, settings.include, settings.exclude, settings.embeddings)
         targets = {n: t.numel for n, t in found.items()}
     return {"targets": targets, "steps": sparsities}
+
+
+def _check_recipe_task(recipe: dict) -> None:
+    """The task section and the gates it makes measurable, in the recipe's own keys."""
+    from prunekit.tasks import load_task
+
+    task, checks = recipe["task"], recipe["checks"]
+    distill = task["loss"] == "distill"
+    if not distill and (task["distill_metric"] != "auto" or task["temperature"] != 1.0):
+        raise SettingError(
+            "task.distill_metric and task.temperature only apply with task.loss: distill, "
+            f"not {task['loss']!r}"
+        )
+    if task["spec"] is not None:
+        load_task(task["spec"])  # imports now: a typo fails here, not after training
+        if task["loss"] not in ("auto", "distill"):
+            raise SettingError(
+                f"task.loss {task['loss']!r} would replace the loss of task.spec; use auto "
+                "(the spec's loss) or distill"
+            )
+    if checks["min_cosine"] is not None and not distill:
+        raise SettingError("checks.min_cosine is measured only with task.loss: distill")
+    if checks["max_accuracy_drop"] is not None and distill and task["distill_metric"] in (
+        "mse", "cosine",
+    ):  # fmt: skip
+        raise SettingError(
+            f"checks.max_accuracy_drop needs accuracy, which distillation with "
+            f"{task['distill_metric']!r} does not measure; use checks.min_cosine"
+        )
 
 
 def _label_terms(crit, classes: int) -> int:

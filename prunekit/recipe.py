@@ -84,6 +84,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
     "targets": {
         "include": _f(list, [], "glob patterns of parameter names to prune"),
         "exclude": _f(list, [], "glob patterns of parameter names never pruned"),
+        "embeddings": _f(bool, False, "also prune nn.Embedding weights (diagonal Fisher)"),
     },
     "criterion": {
         "name": _f(str, "obd", "the scoring criterion", choices="criterion"),

@@ -131,7 +131,8 @@ def load_task(spec: str) -> Task:
 
 
 class DistillationTask(Task):
-    """Match the dense model's outputs; batches are ``(data_batch, teacher_outputs)``.
+    """Match the dense model's outputs; batches are ``(inputs, targets)`` with targets the
+    prepared teacher outputs, or a dict {'teacher': ..., 'labels': class labels}.
 
     base: the task whose ``forward`` runs the model on ``data_batch`` (labels, if any, are
     not used). metric: 'kl' (teacher and student logits (N, C), KL(p_T || p_S) at
@@ -154,6 +155,11 @@ class DistillationTask(Task):
     def forward(self, model: nn.Module, batch: Batch) -> Tensor:
         """The base task's forward on the data part of the batch."""
         return self.base.forward(model, batch[0])
+
+    def targets(self, batch: Batch) -> Tensor:
+        """The teacher's (prepared) outputs of the batch."""
+        targets = batch[1]
+        return targets["teacher"] if isinstance(targets, dict) else targets
 
     def position_mask(self, batch: Batch) -> Tensor | None:
         """The base task's padding mask of the data part."""
@@ -187,7 +193,7 @@ class DistillationTask(Task):
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         """kl: T^2 * mean KL; mse: mean squared error; cosine: mean (1 - cos)."""
-        targets = batch[1]
+        targets = self.targets(batch)
         if self.metric == "mse":
             return F.mse_loss(outputs.flatten(1), targets.to(outputs.dtype))
         if self.metric == "cosine":
@@ -218,14 +224,18 @@ class DistillationTask(Task):
 
     def metrics(self, outputs: Tensor, batch: Batch) -> dict[str, float]:
         """Sums: ``loss`` (the training loss per example), ``cosine`` similarity to the
-        teacher's outputs and, for kl, ``agreement`` (same top-1 class as the teacher)."""
-        targets = batch[1]
+        teacher's outputs and, for kl, ``agreement`` (same top-1 class as the teacher) and
+        ``correct`` (top-1 = the data's label, when the batch carries labels)."""
+        targets = self.targets(batch)
         n = batch_size(batch)
         out = {"loss": float(self.loss(outputs, batch)) * n}
         flat = outputs.flatten(1).float()
         out["cosine"] = float(F.cosine_similarity(flat, targets.float(), dim=1).sum())
         if self.metric == "kl":
             out["agreement"] = float((flat.argmax(1) == targets.argmax(1)).sum())
+            labels = batch[1].get("labels") if isinstance(batch[1], dict) else None
+            if labels is not None:
+                out["correct"] = float((flat.argmax(1) == labels).sum())
         return out
 
 
@@ -251,13 +261,15 @@ def check_distillable(outputs: Any, metric: str) -> None:
         )
 
 
-def resolve_metric(metric: str, labelled_classes: bool) -> str:
-    """'auto' -> 'kl' when the data has class labels (a classifier), else 'cosine'."""
+def resolve_metric(metric: str, classes: int, outputs: Any) -> str:
+    """'auto' -> 'kl' when the outputs are logits over the data's classes (N, classes > 0),
+    else 'cosine' (embeddings)."""
     if metric not in DISTILL_METRICS:
         raise choice_error("distill metric", metric, DISTILL_METRICS)
     if metric != "auto":
         return metric
-    return "kl" if labelled_classes else "cosine"
+    logits = isinstance(outputs, Tensor) and outputs.dim() == 2 and outputs.shape[1] == classes
+    return "kl" if classes > 1 and logits else "cosine"
 
 
 def base_task(loss: str, data_kind: str, user: Task | None) -> Task:
