@@ -197,7 +197,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     """Write the run's plots to run_dir/plots/ and return their paths (PNG, Agg backend).
 
     Always: loss_accuracy.png (loss, and accuracy / cosine similarity to the dense model
-    when measured, after prune and after fine-tuning, vs step) and sparsity.png (per-layer and global fraction pruned vs step).
+    when measured, after prune and after fine-tuning, vs step) and sparsity.png (per-layer
+    and global fraction pruned vs step).
     With ntk.jsonl: ntk_alignment_steps.png (train/val alignment vs step, sparsity on a
     second axis), ntk_alignment_finetune.png (alignment vs fine-tuning iteration, one line
     per step, only when records inside fine-tuning exist) and ntk_per_layer.png (heat map,

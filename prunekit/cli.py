@@ -71,6 +71,12 @@ def _fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _example_names() -> list[str]:
+    from prunekit.models.examples import EXAMPLES
+
+    return list(EXAMPLES)
+
+
 def _choices(names) -> str:
     return ", ".join(sorted(names))
 
@@ -139,13 +145,15 @@ def _export_files(export: Path | None) -> tuple[str, ...]:
 
 
 def _receipt_summary(receipt: dict) -> None:
+    from rich.markup import escape
+
     from prunekit.export import receipt_table
 
     table = Table(title=f"ONNX export -> {receipt['path']}")
     table.add_column("item")
     table.add_column("value", justify="right")
     for key, value in receipt_table(receipt):
-        table.add_row(key, value)
+        table.add_row(escape(key), escape(value))  # "[batch, sequence]" is not markup
     out_console.print(table)
 
 
@@ -374,7 +382,7 @@ def prune(
 @app.command()
 def example(
     name: str = typer.Argument(
-        ..., help="Example to train: mlp-mnist, mlp-digits, cnn-digits, cnn-mnist."
+        ..., help=f"Example to train: one of {_choices(_example_names())}."
     ),
     out: Path = typer.Option(..., help="Where to write the trained checkpoint (.safetensors)."),
     seed: int = typer.Option(0, help="Seed of initialisation, split and shuffling."),

@@ -418,19 +418,19 @@ def test_a_tied_weight_gets_the_gradient_of_all_its_uses():
     torch.testing.assert_close(diag.values["embed.weight"], want, **CLOSE)
 
 
-class WithAttention(nn.Module):
-    """nn.MultiheadAttention reads out_proj.weight itself: out_proj never runs."""
+class FunctionalProjection(nn.Module):
+    """Reads ``proj.weight`` itself (as nn.MultiheadAttention does with out_proj): the
+    Linear module ``proj`` never runs, so its hooks never fire."""
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM)
-        self.attn = nn.MultiheadAttention(DIM, 2, batch_first=True)
+        self.proj = nn.Linear(DIM, DIM)
         self.head = nn.Linear(DIM, CLASSES)
         self.double()
 
     def forward(self, input_ids, attention_mask):
-        e = self.embed(input_ids)
-        h, _ = self.attn(e, e, e, key_padding_mask=~attention_mask.bool(), need_weights=False)
+        h = torch.tanh(nn.functional.linear(self.embed(input_ids), self.proj.weight))
         m = attention_mask.to(h.dtype)[..., None]
         return self.head((h * m).sum(1) / m.sum(1))
 
@@ -438,10 +438,10 @@ class WithAttention(nn.Module):
 def test_a_factored_module_that_never_runs_is_refused_not_zeroed():
     from prunekit.errors import ModelError
 
-    model, task, batch = WithAttention(), SeqClassification(), make_batch()
+    model, task, batch = FunctionalProjection(), SeqClassification(), make_batch()
     targets = find_targets(model)
-    assert "attn.out_proj.weight" in targets
-    with pytest.raises(ModelError, match=r"attn\.out_proj.*--fisher diag"):
+    assert targets["proj.weight"].kind == "linear"
+    with pytest.raises(ModelError, match=r"proj.*--fisher diag"):
         fit_kfac(model, task, targets, [batch], labels="exact")
     diag = fit_diag(model, task, targets, [batch], labels="exact")  # exact path: non-zero
-    assert diag.values["attn.out_proj.weight"].abs().max() > 0
+    assert diag.values["proj.weight"].abs().max() > 0
