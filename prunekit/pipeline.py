@@ -418,11 +418,16 @@ def _check_label_source(labels: str, task: Task, data: DataBundle, samples: int)
 def _check_label_slot(task: Task, batch) -> None:
     """Sampled labels reach the loss through ``task.with_targets``: for dict batches the
     default writes ``batch[task.label_key]``, which the batch must already hold."""
+    from prunekit.tasks import UserTask
+
     if not isinstance(batch, dict):
         return
-    own = getattr(getattr(task, "obj", None), "with_targets", None)
-    key = getattr(task, "label_key", "labels")
-    if own is None and type(task).with_targets is Task.with_targets and key not in batch:
+    if isinstance(task, UserTask):
+        custom = callable(getattr(task.obj, "with_targets", None))
+    else:
+        custom = type(task).with_targets is not Task.with_targets
+    key = task.label_key
+    if not custom and key not in batch:
         raise SettingError(
             f"sampled Fisher labels are written to batch[{key!r}], which the dict batches "
             f"(keys {sorted(batch)}) lack; give the task a label_key naming its label entry "
@@ -629,11 +634,10 @@ def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, lis
     if settings.ntk and unsupported:
         raise SettingError(f"--ntk needs {unsupported}; use --no-ntk")
     use_ntk = settings.ntk
-    if use_ntk is None:
+    if use_ntk is None and not unsupported:
         classifier = data.kind == "classification"
         outputs = data.num_classes if classifier else _kernel_targets(data.y_train)[0].numel()
-        cheap = ntk_is_cheap(outputs, sum(t.numel for t in targets.values()))
-        use_ntk = cheap and not unsupported
+        use_ntk = ntk_is_cheap(outputs, sum(t.numel for t in targets.values()))
     if use_ntk:
         run.ntk = NtkLog(model, task, data, settings, targets)
     return run, crit, sparsities

@@ -276,6 +276,31 @@ def unsupervised_task():
     return T()
 
 
+def vector_loss_task():
+    class T:
+        def forward(self, model, batch):
+            return model(batch["features"])
+
+        def loss(self, outputs, batch):
+            return outputs.pow(2).mean(1)  # per example: not the batch mean
+
+    return T()
+
+
+def target_key_task():
+    class T:
+        def forward(self, model, batch):
+            return model(batch["features"])
+
+        def loss(self, outputs, batch):
+            return F.cross_entropy(outputs, batch["target"])
+
+        def sample(self, outputs, generator):
+            return torch.multinomial(torch.softmax(outputs, -1), 1, generator=generator)[:, 0]
+
+    return T()
+
+
 def not_a_task():
     return 42
 
@@ -302,6 +327,8 @@ def user_env(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "feats.npz", features=rng.standard_normal((40, 6)).astype(np.float32))
     np.savez(tmp_path / "plain.npz", x=rng.standard_normal((40, 6)).astype(np.float32))
+    np.savez(tmp_path / "labelled.npz", features=rng.standard_normal((40, 6)).astype(np.float32),
+             target=rng.integers(0, 4, 40))  # fmt: skip
     torch.save(torch.nn.Linear(1, 1).state_dict(), tmp_path / "unused.pt")
     return tmp_path
 
@@ -325,6 +352,19 @@ def user_env(tmp_path, monkeypatch):
          "distill metric 'l2'"),
         (["--data", "plain.npz", "--loss", "distill", "--temperature", "0"], "temperature"),
         (["--data", "plain.npz", "--loss", "distil"], "loss 'distil'"),
+        (["--data", "plain.npz", "--temperature", "2"], "only apply with --loss distill"),
+        (["--data", "feats.npz", "--distill-metric", "mse",
+          "--task", "pk_user_tasks:unsupervised_task"], "only apply with --loss distill"),
+        (["--task", "pk_user_tasks:unsupervised_task", "--loss", "regression"],
+         "would replace the loss of --task"),
+        (["--data", "plain.npz", "--loss", "distill", "--criterion", "lm"],
+         "criterion 'lm' scores the loss gradient, which is zero"),
+        (["--data", "plain.npz", "--loss", "distill", "--fisher-labels", "empirical"],
+         "'empirical' under --loss distill"),
+        (["--task", "pk_user_tasks:vector_loss_task", "--data", "feats.npz"],
+         "must return a scalar float tensor (the batch mean), got shape (2,)"),
+        (["--task", "pk_user_tasks:target_key_task", "--data", "labelled.npz",
+          "--fisher-labels", "sampled"], "written to batch['labels']"),
         (["--data", "plain.npz", "--loss", "distill", "--distill-metric", "kl",
           "--fisher-labels", "exact", "--arch", "pk_user_tasks:tuple_mlp"],
          "returns one floating-point tensor, not tuple"),
@@ -509,3 +549,116 @@ def test_torch_transformer_encoder_prunes_its_attention_projections():
     assert est["enc.layers.0.linear1.weight"] == "ekfac"
     assert result.report["sparsity"]["per_layer"]["enc.layers.0.self_attn.in_proj_weight"] > 0
     assert result.report["metrics"]["finetuned"]["cosine"] > 0.95
+
+
+def test_teacher_cache_is_not_reused_for_other_data(tmp_path):
+    model = small_mlp()
+    cache = tmp_path / "teacher.safetensors"
+    data_a = bundle_from_batches([torch.randn(30, 6, generator=torch.Generator().manual_seed(1))])
+    data_b = bundle_from_batches([torch.randn(30, 6, generator=torch.Generator().manual_seed(2))])
+    first = teacher_outputs(model, Task(), data_a, cache)
+    other = teacher_outputs(model, Task(), data_b, cache)  # same name and sizes, other inputs
+    assert not torch.equal(first["train"], other["train"])
+    with torch.no_grad():
+        torch.testing.assert_close(other["train"], model(data_b.x_train))
+
+
+def test_a_ready_made_distillation_task_through_the_api():
+    model = small_mlp()
+    inputs = [torch.randn(40, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    result = prunekit.prune(
+        model, inputs, task=DistillationTask(Task(), "mse"), sparsity=0.3, steps=1,
+        finetune_epochs=0.5, final_epochs=0.5, ntk=False,
+    )  # fmt: skip
+    assert result.report["task"]["distill_metric"] == "mse"
+    assert result.report["task"]["loss"] == "auto"  # settings as given; the task decided
+    assert result.report["metrics"]["finetuned"]["cosine"] > 0.9
+
+
+def test_distillation_with_labels_reports_accuracy_and_auto_picks_kl_for_logits():
+    from prunekit.data import load_data
+
+    data = load_data("synthetic?n=300&dim=6&classes=4")
+    model = small_mlp()
+    task, bundle, _ = prepare_task(model, data, PruneSettings(loss="distill"))
+    assert task.metric == "kl" and set(bundle.y_train) == {"teacher", "labels"}
+    embedder = nn.Sequential(nn.Linear(6, 5))  # 5 outputs for 4 classes: not logits
+    task, _, _ = prepare_task(embedder, data, PruneSettings(loss="distill"))
+    assert task.metric == "cosine"
+    result = prunekit.prune(model, data, loss="distill", sparsity=0.2, steps=1, ntk=False,
+                            finetune_epochs=0.5, final_epochs=0.5)  # fmt: skip
+    acc = result.report["metrics"]["dense"]["accuracy"]
+    assert acc is not None and 0 <= acc <= 1
+    assert result.metrics[1]["cosine"] <= 1 and "cosine_after_prune" in result.metrics[1]
+
+
+def test_embeddings_are_opt_in_targets_on_the_diagonal_fisher():
+    from prunekit.models import encoder
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 30, (40, 8))
+    mask = torch.ones(40, 8, dtype=torch.long)
+    data = [{"input_ids": ids, "attention_mask": mask}]
+    kwargs = dict(vocab=30, dim=16, heads=2, layers=1, ffn=32, max_len=8)
+    plain = prunekit.prune(encoder(**kwargs), data, loss="distill", sparsity=0.3, steps=1,
+                           finetune_epochs=0, final_epochs=0)  # fmt: skip
+    assert not any("embed" in n for n in plain.masks)
+    model = encoder(**kwargs)
+    opted = prunekit.prune(model, data, loss="distill", sparsity=0.3, steps=1,
+                           finetune_epochs=0, final_epochs=0, embeddings=True)  # fmt: skip
+    embeds = [n for n in opted.masks if "embed" in n]
+    assert embeds and all(opted.report["estimators"][n] == "diag" for n in embeds)
+
+
+RECIPE = """
+version: 1
+data: synthetic?n=200&dim=6&classes=4
+model:
+  example: mlp-digits
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("task:\n  spec: pk_no_such_mod:task\n", "does not import"),
+        ("task:\n  distill_metric: mse\n", "only apply with task.loss: distill"),
+        ("checks:\n  min_cosine: 0.9\n", "checks.min_cosine is measured only"),
+        ("task:\n  loss: distill\n  distill_metric: cosine\nchecks:\n  max_accuracy_drop: 1\n",
+         "checks.max_accuracy_drop needs accuracy"),
+        ("task:\n  loss: distill\n  temperature: 0\n", "temperature"),
+    ],
+)  # fmt: skip
+def test_recipe_task_section_is_validated_before_any_work(tmp_path, cli, extra, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE + extra)
+    code, _, stderr = cli("validate", path)
+    assert code == 2 and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_min_cosine_gate_reads_the_finetuned_cosine():
+    from prunekit.recipe import evaluate_checks
+
+    report = {"metrics": {"finetuned": {"cosine": 0.95}}}
+    rows = evaluate_checks({"min_cosine": 0.9}, report)
+    assert rows == [{"check": "min_cosine", "limit": 0.9, "value": 0.95, "passed": True}]
+    assert not evaluate_checks({"min_cosine": 0.99}, report)[0]["passed"]
+
+
+def test_synthetic_token_data():
+    from prunekit.data import load_data
+
+    data = load_data("synthetic?task=tokens&n=50&seq=6&vocab=9&classes=3")
+    assert data.kind == "classification" and data.num_classes == 3
+    ids, mask = data.x_train["input_ids"], data.x_train["attention_mask"]
+    assert ids.shape == (40, 6) and ids.dtype == torch.int64 and mask.sum(1).min() >= 1
+    assert torch.all(ids[mask == 0] == 0) and torch.all(ids[mask == 1] > 0)
+    counts = torch.stack([((ids % 3 == c) & (mask == 1)).sum(1) for c in range(3)], 1)
+    assert torch.equal(counts.argmax(1), data.y_train)
+    unlabelled = load_data("synthetic?task=tokens&n=50&labels=no")
+    assert unlabelled.kind == "inputs" and unlabelled.y_train is None
+    for bad in ("synthetic?task=tokens&seq=1", "synthetic?task=tokens&vocab=3&classes=4",
+                "synthetic?task=tokens&colour=red"):  # fmt: skip
+        with pytest.raises(DataError):
+            load_data(bad)
