@@ -301,6 +301,7 @@ def _distillation(model, data: DataBundle, settings: PruneSettings, base: Task, 
     check_distillable(outputs, metric)
     distill = DistillationTask(base, metric, settings.temperature)
     teacher = teacher_outputs(model, base, inputs, cache)
+    distill.fit_variance(teacher["train"])
     targets = {}
     for part, labels in (("train", data.y_train), ("val", data.y_val)):
         targets[part] = {"teacher": distill.prepare(teacher[part])}
@@ -845,7 +846,9 @@ def _task_report(task: Task, settings: PruneSettings) -> dict:
     """report.json 'task': kind, the user task's spec, and distillation settings."""
     out = {"kind": task.kind, "spec": settings.task_spec, "loss": settings.loss}
     if task.kind == "distill":
-        out.update(distill_metric=task.metric, temperature=task.temperature)
+        out.update(
+            distill_metric=task.metric, temperature=task.temperature, variance=task.variance
+        )
     return out
 
 

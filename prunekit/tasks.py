@@ -137,8 +137,10 @@ class DistillationTask(Task):
     base: the task whose ``forward`` runs the model on ``data_batch`` (labels, if any, are
     not used). metric: 'kl' (teacher and student logits (N, C), KL(p_T || p_S) at
     ``temperature`` T, loss scaled by T^2 as usual), 'mse' (mean squared error over output
-    entries) or 'cosine' (1 - cosine similarity of the flattened outputs). Teacher outputs
-    are stored as given by ``prepare`` (raw logits for kl and mse, unit vectors for cosine).
+    entries, divided by ``variance``, set by ``fit_variance`` to the teacher outputs' mean
+    square so that one learning rate suits outputs of any scale) or 'cosine' (1 - cosine
+    similarity of the flattened outputs). Teacher outputs are stored as given by
+    ``prepare`` (raw outputs for kl and mse, unit vectors for cosine).
     """
 
     kind = "distill"
@@ -151,6 +153,13 @@ class DistillationTask(Task):
         ):
             raise SettingError(f"distillation temperature must be > 0, got {temperature!r}")
         self.base, self.metric, self.temperature = base, metric, float(temperature)
+        self.variance = 1.0
+
+    def fit_variance(self, teacher: Tensor) -> float:
+        """mse: the Gaussian's variance = mean square of the teacher outputs (N, ...)."""
+        if self.metric == "mse":
+            self.variance = max(float(teacher.detach().double().pow(2).mean()), 1e-12)
+        return self.variance
 
     def forward(self, model: nn.Module, batch: Batch) -> Tensor:
         """The base task's forward on the data part of the batch."""
@@ -180,11 +189,13 @@ class DistillationTask(Task):
         """Per-example NLL under the student's predictive distribution, shape (N,).
 
         kl: targets are class indices (sampled) or teacher logits (soft cross-entropy at
-        temperature T); mse/cosine: 0.5 * squared distance to the targets.
+        temperature T); mse/cosine: 0.5 * squared distance to the targets (mse: over
+        ``variance``).
         """
         student = self._student(outputs)
         if self.metric != "kl":
-            return 0.5 * (student - targets.to(student.dtype)).pow(2).sum(1)
+            sq = (student - targets.to(student.dtype)).pow(2).sum(1)
+            return 0.5 * sq / (self.variance if self.metric == "mse" else 1.0)
         logp = torch.log_softmax(student, dim=1)
         if not targets.is_floating_point():
             return -logp.gather(1, targets.long().reshape(-1, 1)).squeeze(1)
@@ -192,10 +203,10 @@ class DistillationTask(Task):
         return -(soft * logp).sum(1)
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        """kl: T^2 * mean KL; mse: mean squared error; cosine: mean (1 - cos)."""
+        """kl: T^2 * mean KL; mse: mean squared error / variance; cosine: mean (1 - cos)."""
         targets = self.targets(batch)
         if self.metric == "mse":
-            return F.mse_loss(outputs.flatten(1), targets.to(outputs.dtype))
+            return F.mse_loss(outputs.flatten(1), targets.to(outputs.dtype)) / self.variance
         if self.metric == "cosine":
             return self.nll(outputs, targets).mean()  # 0.5 |a - b|^2 = 1 - cos for unit rows
         logp = torch.log_softmax(self._student(outputs), dim=1)
@@ -213,14 +224,16 @@ class DistillationTask(Task):
         return categorical_terms(self._student(outputs))
 
     def sample(self, outputs: Tensor, generator: torch.Generator) -> Tensor:
-        """kl: classes from softmax(outputs / T); mse/cosine: student + N(0, I) noise."""
+        """kl: classes from softmax(outputs / T); mse: student + N(0, variance I) noise;
+        cosine: unit-normalised student + N(0, I) noise."""
         student = self._student(outputs.detach()).float()
         if self.metric == "kl":
             probs = torch.softmax(student, dim=1).cpu()
             drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             return drawn.to(outputs.device)
         noise = torch.randn(student.shape, generator=generator, dtype=student.dtype)
-        return (student + noise.to(student.device)).to(outputs.dtype)
+        scale = math.sqrt(self.variance) if self.metric == "mse" else 1.0
+        return (student + scale * noise.to(student.device)).to(outputs.dtype)
 
     def metrics(self, outputs: Tensor, batch: Batch) -> dict[str, float]:
         """Sums: ``loss`` (the training loss per example), ``cosine`` similarity to the

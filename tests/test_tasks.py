@@ -135,6 +135,11 @@ def test_distillation_losses_match_their_definitions():
     torch.testing.assert_close(kl.loss(s, (None, kl.prepare(t))), want)
     mse = DistillationTask(Task(), "mse")
     torch.testing.assert_close(mse.loss(s, (None, mse.prepare(t))), F.mse_loss(s, t))
+    variance = mse.fit_variance(t * 10)  # outputs ten times larger: same relative loss
+    assert variance == pytest.approx(float((t * 10).pow(2).mean()))
+    torch.testing.assert_close(
+        mse.loss(s * 10, (None, mse.prepare(t * 10))), F.mse_loss(s, t) / t.pow(2).mean()
+    )
     cos = DistillationTask(Task(), "cosine")
     want = (1 - F.cosine_similarity(s, t, dim=1)).mean()
     torch.testing.assert_close(cos.loss(s, (None, cos.prepare(t))), want)
@@ -442,7 +447,7 @@ def test_encoder_distillation_cli_end_to_end(tmp_path, monkeypatch, cli):
     assert report["sparsity"]["global"] == pytest.approx(0.5, abs=1e-3)
     assert report["task"] == {
         "kind": "distill", "spec": "pk_mymodels:task", "loss": "distill",
-        "distill_metric": "cosine", "temperature": 1.0,
+        "distill_metric": "cosine", "temperature": 1.0, "variance": 1.0,
     }  # fmt: skip
     assert set(report["estimators"].values()) == {"ekfac"}
     assert report["metrics"]["finetuned"]["cosine"] > 0.9
