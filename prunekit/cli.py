@@ -256,6 +256,11 @@ def prune(
     score_examples: int = typer.Option(
         1000, help="Training examples used to estimate gradients and curvature."
     ),
+    score_batch_size: int = typer.Option(
+        250,
+        help="Examples per scoring batch; lower it for long sequences (curvature passes hold "
+        "every target layer's inputs and outputs for one batch).",
+    ),
     include: list[str] = typer.Option(
         [], help="Only prune parameters matching this glob (repeatable)."
     ),
@@ -336,6 +341,7 @@ def prune(
         lam=lam,
         scope=scope,
         score_examples=score_examples,
+        score_batch_size=score_batch_size,
         finetune_epochs=finetune_epochs,
         final_epochs=final_epochs,
         batch_size=batch_size,

@@ -61,27 +61,28 @@ class PruneSettings:
     the ``schedule`` ('exp', 'linear', 'cubic'); fisher/labels: curvature estimator and
     Fisher labels (None = the criterion's default); samples: labels drawn per example for
     'sampled'; lam: locality penalty; scope: 'global' or 'layer'; score_examples: training
-    examples used to score (first N, fixed); finetune_epochs: fine-tuning after each step
-    (0 = the paper's mode: all steps first); final_epochs: the last fine-tune; batch_size,
-    optimizer, lr, momentum, weight_decay: fine-tuning; include/exclude: target name
-    patterns; seed: every random choice; device: 'cpu', 'cuda' or 'auto'; ntk: log the
-    tangent-kernel alignment (None = only when cheap, see ``ntk_is_cheap``); ntk_every:
-    fine-tuning iterations to log at ('xM' log-spaced by factor M, 'N' every N);
-    probe_train/probe_val: examples in the fixed NTK probes; refit_basis_every: EKFAC
-    eigenbasis refit period in steps (0 = keep the first basis, refit only the scaling);
-    compensate: apply the OBS update to surviving weights within each step (kfac/ekfac);
-    masked_scaling: refit EKFAC's scaling from masked per-example gradients (pruned
-    weights contribute nothing; exact, but its cost grows with out*in*(out+in) per example,
-    ~100x the unmasked refit on a 784x300 layer). Off by default: the diagonal entries of
-    surviving weights estimate the same F_qq either way, since the diagonal of a principal
-    submatrix is the diagonal itself; recalibrate_bn: re-estimate BatchNorm running
-    statistics (per time step for BN-LSTM) on training batches right after each pruning
-    step (None = on when the model has BatchNorm); loss: 'auto' (from the data's labels),
-    'classification', 'regression' or 'distill' (targets = the dense model's outputs);
-    distill_metric: 'auto' (kl for class-labelled data, else cosine), 'kl', 'mse' or
-    'cosine'; temperature: the KL temperature; task_spec: 'module:factory' of a user task
-    (its forward runs the model; its loss trains unless loss is 'distill'); embeddings:
-    also prune nn.Embedding weights (diagonal Fisher).
+    examples used to score (first N, fixed); score_batch_size: examples per scoring batch
+    (memory: curvature passes hold every target layer's inputs and outputs for a batch);
+    finetune_epochs: fine-tuning after each step (0 = the paper's mode: all steps first);
+    final_epochs: the last fine-tune; batch_size, optimizer, lr, momentum, weight_decay:
+    fine-tuning; include/exclude: target name patterns; seed: every random choice; device:
+    'cpu', 'cuda' or 'auto'; ntk: log the tangent-kernel alignment (None = only when cheap,
+    see ``ntk_is_cheap``); ntk_every: fine-tuning iterations to log at ('xM' log-spaced by
+    factor M, 'N' every N); probe_train/probe_val: examples in the fixed NTK probes;
+    refit_basis_every: EKFAC eigenbasis refit period in steps (0 = keep the first basis,
+    refit only the scaling); compensate: apply the OBS update to surviving weights within
+    each step (kfac/ekfac); masked_scaling: refit EKFAC's scaling from masked per-example
+    gradients (pruned weights contribute nothing; exact, but its cost grows with
+    out*in*(out+in) per example, ~100x the unmasked refit on a 784x300 layer). Off by
+    default: the diagonal entries of surviving weights estimate the same F_qq either way,
+    since the diagonal of a principal submatrix is the diagonal itself; recalibrate_bn: re-
+    estimate BatchNorm running statistics (per time step for BN-LSTM) on training batches
+    right after each pruning step (None = on when the model has BatchNorm); loss: 'auto'
+    (from the data's labels), 'classification', 'regression' or 'distill' (targets = the
+    dense model's outputs); distill_metric: 'auto' (kl for logits over the data's classes, else
+    cosine), 'kl', 'mse' or 'cosine'; temperature: the KL temperature; task_spec:
+    'module:factory' of a user task (its forward runs the model; its loss trains unless loss
+    is 'distill'); embeddings: also prune nn.Embedding weights (diagonal Fisher).
     """
 
     criterion: str = "obd"
@@ -94,6 +95,7 @@ class PruneSettings:
     lam: float = 0.0
     scope: str = "global"
     score_examples: int = 1000
+    score_batch_size: int = 250
     finetune_epochs: float = 1.0
     final_epochs: float = 2.0
     batch_size: int = 100
@@ -174,16 +176,17 @@ class RankSlice:
             yield take_rows(batch, share)
 
 
-def score_batches_of(data: DataBundle, examples: int, device) -> list:
-    """The first ``examples`` training examples, this rank's share of them in a job."""
+def score_batches_of(data: DataBundle, examples: int, device, batch: int = 250) -> list:
+    """The first ``examples`` training examples, this rank's share of them in a job, in
+    batches of ``batch`` (the scoring passes' memory grows with it)."""
     rank, world = rank_and_world()
     share = slice(rank, None, world)
     first = take_rows((data.x_train, data.y_train), slice(0, examples))
     x, y = take_rows(first, share)
     n = num_rows(x)
     return [
-        batch_to(take_rows(x if y is None else (x, y), slice(i, i + 250)), device)
-        for i in range(0, n, 250)
+        batch_to(take_rows(x if y is None else (x, y), slice(i, i + batch)), device)
+        for i in range(0, n, batch)
     ]
 
 
@@ -361,8 +364,9 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     sparsities = schedule(settings.sparsity, settings.steps, settings.schedule)
     if settings.scope not in SCOPES:
         raise choice_error("scope", settings.scope, SCOPES)
-    if settings.score_examples < 1 or settings.batch_size < 1:
-        raise SettingError("score_examples and batch_size must be >= 1")
+    for name in ("score_examples", "score_batch_size", "batch_size"):
+        if getattr(settings, name) < 1:
+            raise SettingError(f"{name} must be >= 1, got {getattr(settings, name)!r}")
     settings.finetune_settings(settings.finetune_epochs)
     settings.finetune_settings(settings.final_epochs)
     log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
@@ -809,7 +813,9 @@ def run_pruning(
     task, data, teacher = prepare_task(model, data, settings, task, cache)
     run, crit, sparsities = _start_run(model, data, settings, task, progress)
     device = next(model.parameters()).device
-    score_batches = score_batches_of(data, settings.score_examples, device)
+    score_batches = score_batches_of(
+        data, settings.score_examples, device, settings.score_batch_size
+    )
     first = restore_state(run, state_dir, state_info) + 1 if resume else 1
     if first == 1:
         run.dense = _eval(model, task, data)
@@ -1155,6 +1161,7 @@ def settings_from_recipe(recipe: dict) -> PruneSettings:
         lam=float(crit["lambda"]),
         scope=crit["scope"],
         score_examples=crit["score_examples"],
+        score_batch_size=crit["score_batch_size"],
         finetune_epochs=float(ft["epochs_per_step"]),
         final_epochs=float(ft["final_epochs"]),
         batch_size=ft["batch_size"],

@@ -94,6 +94,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "lambda": _f(NUM, 0.0, "locality penalty", low=0),
         "scope": _f(str, "global", "ranking scope", choices="scope"),
         "score_examples": _f(int, 1000, "training examples used to score", low=1),
+        "score_batch_size": _f(int, 250, "examples per scoring batch (memory)", low=1),
         "refit_basis_every": _f(int, 0, "EKFAC eigenbasis refit period (0 = keep)", low=0),
         "masked_scaling": _f(bool, False, "EKFAC scaling from masked gradients (slow)"),
         "compensate": _f(bool, False, "OBS update of surviving weights"),
