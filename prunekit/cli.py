@@ -241,7 +241,7 @@ def prune(
     distill_metric: str = typer.Option(
         "auto",
         help="With --loss distill: kl (logits, at --temperature), mse or cosine (embeddings); "
-        "auto = kl for class-labelled data, else cosine.",
+        "auto = kl when the outputs are logits over the data's classes, else cosine.",
     ),
     temperature: float = typer.Option(
         1.0, help="With --loss distill --distill-metric kl: softmax temperature (> 0)."
