@@ -76,10 +76,17 @@ def find_targets(
     """
     found: dict[str, Target] = {}
     attention = _attention_kinds(model)
+    canonical = {id(p): n for n, p in model.named_parameters()}
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             kind = attention.get(full) or _kind_of(module, p_name, embeddings)
+            if kind is not None and canonical.get(id(p), full) != full:
+                # a tied weight (e.g. an LM head sharing the embedding): one tensor, keyed by
+                # its named_parameters name, on the exact path (no single module sees it all)
+                full, kind = canonical[id(p)], "other"
+                if full in found:
+                    continue
             if kind is None:
                 continue
             if include and not any(fnmatchcase(full, pat) for pat in include):

@@ -287,9 +287,9 @@ def _column(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.asarray(a, np.float32))
 
 
-def _inputs(x, standardise_with=None) -> Tensor | dict[str, Tensor]:
-    if isinstance(x, dict):
-        return {k: _column(v) for k, v in x.items()}
+def _inputs(x, standardise_with=None, keep_int=False) -> Tensor | dict[str, Tensor]:
+    if isinstance(x, dict) or (keep_int and np.issubdtype(np.asarray(x).dtype, np.integer)):
+        return {k: _column(v) for k, v in x.items()} if isinstance(x, dict) else _column(x)
     x = np.asarray(x, np.float32)  # x is numeric features or pixels; token ids use named arrays
     if standardise_with is not None:
         x = (x - standardise_with[0]) / standardise_with[1]
@@ -302,7 +302,10 @@ def _targets(y, kind: str) -> Tensor | None:
     return torch.from_numpy(np.asarray(y, np.int64 if kind == "classification" else np.float32))
 
 
-def _bundle(x, y, x_val, y_val, name: str, seed: int, val_fraction: float, standardise=False):
+def _bundle(
+    x, y, x_val, y_val, name: str, seed: int, val_fraction: float, standardise=False,
+    keep_int=False,
+):  # fmt: skip
     _check_rows(x, y, name, "training")
     if x_val is None or (y is not None and y_val is None):
         x, y, x_val, y_val = _split(x, y, val_fraction, seed)
@@ -313,9 +316,8 @@ def _bundle(x, y, x_val, y_val, name: str, seed: int, val_fraction: float, stand
         stats = (float(np.mean(x)), float(np.std(x)) or 1.0)
     y_t, yv_t = _targets(y, kind), _targets(y_val, kind)
     classes = int(max(y_t.max(), yv_t.max())) + 1 if kind == "classification" else 0
-    return DataBundle(
-        _inputs(x, stats), y_t, _inputs(x_val, stats), yv_t, kind, classes, name
-    )
+    x_t, xv_t = _inputs(x, stats, keep_int), _inputs(x_val, stats, keep_int)
+    return DataBundle(x_t, y_t, xv_t, yv_t, kind, classes, name)
 
 
 def load_data(spec: str, seed: int = 0, val_fraction: float = 0.2) -> DataBundle:
@@ -370,7 +372,8 @@ def bundle_from_batches(batches, val_fraction: float = 0.2, seed: int = 0) -> Da
     """A DataBundle from an iterable of batches (the Python API's data).
 
     Each batch is ``(inputs, targets)`` or inputs alone; inputs are a tensor or a dict of
-    tensors. All batches must have the same form.
+    tensors (integer tensors, e.g. token ids, keep an int64 dtype; others become float32).
+    All batches must have the same form.
     """
     parts = [_batch_parts(b) for b in batches]
     if not parts:
@@ -380,7 +383,7 @@ def bundle_from_batches(batches, val_fraction: float = 0.2, seed: int = 0) -> Da
         raise DataError("data batches mix (inputs, targets) pairs and inputs-only batches")
     x = _concat([p[0] for p in parts])
     y = _concat([p[1] for p in parts]) if labelled == {True} else None
-    return _bundle(x, y, None, None, "batches", seed, val_fraction)
+    return _bundle(x, y, None, None, "batches", seed, val_fraction, keep_int=True)
 
 
 def describe_inputs(x: Inputs) -> str:

@@ -291,3 +291,11 @@ def test_check_data_fits_non_tensor_output():
 
     with pytest.raises(DataError, match="tuple"):
         check_data_fits(Pair(), load_data("synthetic?n=10&dim=5"))
+
+
+def test_api_batches_keep_integer_token_tensors():
+    ids = torch.randint(0, 50, (40, 7))
+    bundle = bundle_from_batches([(ids[i : i + 10], ids[i : i + 10, 0]) for i in range(0, 40, 10)])
+    assert bundle.x_train.dtype == torch.int64 and bundle.x_val.dtype == torch.int64
+    floats = bundle_from_batches([(torch.rand(10, 3, dtype=torch.float64), torch.zeros(10))])
+    assert floats.x_train.dtype == torch.float32

@@ -161,3 +161,22 @@ def test_targets_of_a_loaded_torchscript_model(tmp_path):
     loaded = load_model(path).model
     targets = find_targets(loaded)
     assert {n: t.kind for n, t in targets.items()} == {"0.weight": "conv", "2.weight": "linear"}
+
+
+def test_a_tied_head_is_a_target_under_its_parameter_name():
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids).mean(1))
+
+    targets = find_targets(Tied())
+    assert list(targets) == ["embed.weight"] and targets["embed.weight"].kind == "other"
+    both = find_targets(Tied(), embeddings=True)
+    assert list(both) == ["embed.weight"]
