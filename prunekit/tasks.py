@@ -25,6 +25,7 @@ from prunekit.types import (
     batch_size,
     categorical_terms,
     make_task,
+    sample_classes,
 )
 
 LOSSES = ("auto", "classification", "regression", "distill")
@@ -228,9 +229,7 @@ class DistillationTask(Task):
         cosine: unit-normalised student + N(0, I) noise."""
         student = self._student(outputs.detach()).float()
         if self.metric == "kl":
-            probs = torch.softmax(student, dim=1).cpu()
-            drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            return drawn.to(outputs.device)
+            return sample_classes(student, generator)
         noise = torch.randn(student.shape, generator=generator, dtype=student.dtype)
         scale = math.sqrt(self.variance) if self.metric == "mse" else 1.0
         return (student + scale * noise.to(student.device)).to(outputs.dtype)

@@ -187,6 +187,20 @@ class Task:
         return {"loss": float(self.example_losses(outputs, batch).detach().sum())}
 
 
+def sample_classes(logits: Tensor, generator: torch.Generator) -> Tensor:
+    """One class per row of softmax(logits) (N, C) -> (N,) int64, on the logits' device.
+
+    On the CPU the draw comes from ``generator`` itself; elsewhere from a device generator
+    seeded by one draw of it, so the probabilities never travel to the host (no sync).
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    if probs.device.type == "cpu":
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    device_gen = torch.Generator(device=probs.device).manual_seed(seed)
+    return torch.multinomial(probs, 1, generator=device_gen).squeeze(1)
+
+
 def categorical_terms(logits: Tensor) -> list[Tensor]:
     """-sqrt(p_c) log p_c per class c of softmax(logits) (N, C); each term (N,)."""
     logp = torch.log_softmax(logits, dim=-1)
@@ -214,8 +228,7 @@ class ClassificationTask(Task):
 
     def sample(self, outputs: Tensor, generator: torch.Generator) -> Tensor:
         """Labels drawn from softmax(outputs), shape (N,)."""
-        probs = torch.softmax(outputs.detach().float(), dim=-1)
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(outputs.device)
+        return sample_classes(outputs, generator)
 
     def metrics(self, outputs: Tensor, batch: Batch) -> dict[str, float]:
         """Loss sum and number of correct top-1 predictions."""

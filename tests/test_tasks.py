@@ -667,3 +667,14 @@ def test_synthetic_token_data():
                 "synthetic?task=tokens&colour=red"):  # fmt: skip
         with pytest.raises(DataError):
             load_data(bad)
+
+
+def test_sample_classes_on_the_cpu_uses_the_generator_itself():
+    from prunekit.types import sample_classes
+
+    logits = torch.tensor([[0.0, 50.0, 0.0], [50.0, 0.0, 0.0]])
+    assert sample_classes(logits, torch.Generator().manual_seed(0)).tolist() == [1, 0]
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(30, 4, generator=torch.Generator().manual_seed(1)), -1)
+    want = torch.multinomial(probs, 1, generator=g2).squeeze(1)
+    assert torch.equal(sample_classes(probs.log(), g1), want)
