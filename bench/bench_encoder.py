@@ -184,6 +184,9 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+SMALL_BATCHES = "fit_ekfac default cache, batches / 4"
+
+
 def child(cfg: Config, what: str) -> None:
     """Fresh-process measurement: seconds and peak RSS increase of one phase (JSON line)."""
     model, task, batches, targets, _ = cost_setup(cfg)
@@ -197,6 +200,14 @@ def child(cfg: Config, what: str) -> None:
         fit_ekfac(model, task, targets, batches, **kw)
     elif what == "fit_ekfac unlimited cache":
         fit_ekfac(model, task, targets, batches, cache_bytes=1 << 50, **kw)
+    elif what == SMALL_BATCHES:  # the same examples in batches of a quarter the size
+        quarter = max(1, cfg.cost_batch // 4)
+        split = [
+            (_rows(x, slice(i, i + quarter)), y[i : i + quarter])
+            for x, y in batches
+            for i in range(0, len(y), quarter)
+        ]
+        fit_ekfac(model, task, targets, split, **kw)
     else:
         raise SystemExit(f"unknown child {what!r}")
     seconds = time.perf_counter() - start
@@ -355,7 +366,8 @@ def part_cost(cfg: Config, quick: bool) -> None:
     )
     rows = []
     base, ends = None, {}
-    for what in ("fwd+bwd", "fit_ekfac default cache", "fit_ekfac unlimited cache"):
+    for what in ("fwd+bwd", "fit_ekfac default cache", "fit_ekfac unlimited cache",
+                 SMALL_BATCHES):  # fmt: skip
         runs = [run_child(what, quick) for _ in range(CHILD_REPEATS)]
         r, seconds = runs[0], min(x["seconds"] for x in runs)
         base = base or seconds
@@ -372,7 +384,7 @@ def part_cost(cfg: Config, quick: bool) -> None:
     )
     widths = sum(ly.cols + ly.rows for ly in layers.values())
     batch_rows = cfg.cost_batch * cfg.cost_seq * widths * 4
-    (t_fb1, m_fb), (t_def, m_def), (t_all, m_all) = ends.values()
+    (t_fb1, m_fb), (t_def, m_def), (t_all, m_all), (t_small, m_small) = ends.values()
     print(
         f"\nNotes. fit_ekfac with the default {CACHE_BYTES / MB:.0f} MiB row cache took "
         f"{t_def / t_all:.2f}x the time of an unlimited cache (the layers whose rows do not fit "
@@ -381,8 +393,10 @@ def part_cost(cfg: Config, quick: bool) -> None:
         f"activation + gradient rows of all {len(layers)} layers alone are "
         f"{batch_rows / MB:.0f} MiB ({cfg.cost_batch} x {cfg.cost_seq} rows x {widths} floats), "
         "held next to the autograd graph and the hooks' input copies, so the transient memory "
-        "scales with batch size x sequence length (smaller scoring batches should cut it; not "
-        "measured here). The one-pass sum in the first table and the fresh-process "
+        f"scales with batch size x sequence length: the same examples in batches of "
+        f"{max(1, cfg.cost_batch // 4)} (`--score-batch-size`) peaked {m_small / MB:.0f} MiB "
+        f"above the start in {t_small:.1f} s. The one-pass sum in the first table and the "
+        "fresh-process "
         "fit_ekfac times come from different processes and moments on a shared machine.\n"
     )
 
