@@ -193,19 +193,46 @@ def score_batches_of(data: DataBundle, examples: int, device, batch: int = 250) 
 TEACHER_FILE = "teacher.safetensors"
 
 
-def _fingerprint(model: nn.Module, data: DataBundle) -> str:
-    """sha256 of the dense weights and the data's inputs, split included (keys the cache)."""
+def _digest(named) -> str:
     import hashlib
 
-    digest = hashlib.sha256(f"{data.name}|{data.n_train}|{data.n_val}".encode())
-    named = [("model." + k, v) for k, v in sorted(model.state_dict().items())]
-    for part, inputs in (("train", data.x_train), ("val", data.x_val)):
-        columns = inputs if isinstance(inputs, dict) else {"x": inputs}
-        named += [(f"{part}.{k}", v) for k, v in sorted(columns.items())]
+    digest = hashlib.sha256()
     for name, tensor in named:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def _fingerprints(model: nn.Module, data: DataBundle) -> dict[str, str]:
+    """sha256 of the dense weights and of the data's inputs (split included): the keys of
+    the teacher cache."""
+    named = []
+    for part, inputs in (("train", data.x_train), ("val", data.x_val)):
+        columns = inputs if isinstance(inputs, dict) else {"x": inputs}
+        named += [(f"{data.name}.{part}.{k}", v) for k, v in sorted(columns.items())]
+    return {
+        "prunekit.weights": _digest(sorted(model.state_dict().items())),
+        "prunekit.inputs": _digest(named),
+    }
+
+
+def _cached_teacher(cache, keys: dict, resuming: bool) -> dict | None:
+    """The cached outputs when their keys match (on resume the weights are no longer the
+    dense ones, so only the inputs must match), else None."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if cache is None or not Path(cache).is_file():
+        return None
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata() or {}
+    wanted = ["prunekit.inputs"] + ([] if resuming else ["prunekit.weights"])
+    if any(meta.get(k) != keys[k] for k in wanted):
+        return None
+    log.info("reusing the dense model's outputs from %s", cache)
+    return load_file(str(cache))
 
 
 @torch.no_grad()
@@ -221,26 +248,29 @@ def _outputs_on(model: nn.Module, task: Task, inputs, batch: int = 256) -> torch
     return torch.cat(outs)
 
 
-def teacher_outputs(model: nn.Module, task: Task, data: DataBundle, cache=None) -> dict:
+def teacher_outputs(
+    model: nn.Module, task: Task, data: DataBundle, cache=None, resuming: bool = False
+) -> dict:
     """The dense model's outputs {'train', 'val'} (float32, CPU) on every input, eval mode.
 
     cache: a file path; its outputs are reused when they were made from the same weights
-    and data (sha256 fingerprint in the metadata), else computed and written there.
+    and inputs (sha256 keys in the metadata), else computed and written there. resuming:
+    ``model`` holds a checkpoint's pruned weights, so the cache must exist and only its
+    inputs must match (SettingError otherwise).
     """
     from pathlib import Path
 
     from prunekit.prune.state import save_tensors
 
-    fingerprint = _fingerprint(model, data)
-    if cache is not None and Path(cache).is_file():
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(cache), framework="pt") as f:
-            same = (f.metadata() or {}).get("prunekit.fingerprint") == fingerprint
-        if same:
-            log.info("reusing the dense model's outputs from %s", cache)
-            return load_file(str(cache))
+    keys = _fingerprints(model, data)
+    cached = _cached_teacher(cache, keys, resuming)
+    if cached is not None:
+        return cached
+    if resuming:
+        raise SettingError(
+            "cannot resume this distillation run: its dense outputs are missing or were made "
+            "from other data; start a new run without --resume"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -249,12 +279,13 @@ def teacher_outputs(model: nn.Module, task: Task, data: DataBundle, cache=None) 
     finally:
         model.train(was_training)
     if cache is not None:
-        meta = {"prunekit.kind": "teacher", "prunekit.fingerprint": fingerprint}
-        save_tensors(Path(cache), out, meta)
+        save_tensors(Path(cache), out, {"prunekit.kind": "teacher", **keys})
     return out
 
 
-def prepare_task(model, data: DataBundle, settings: PruneSettings, task=None, cache=None):
+def prepare_task(
+    model, data: DataBundle, settings: PruneSettings, task=None, cache=None, resuming=False
+):
     """(task, data, teacher outputs or None) for a run.
 
     task: a Task or user object given through the API (a ``DistillationTask`` sets the
@@ -262,7 +293,8 @@ def prepare_task(model, data: DataBundle, settings: PruneSettings, task=None, ca
     for ``settings.loss`` / the data's labels. With loss 'distill' the data's targets become
     {'teacher': the dense model's outputs (``teacher_outputs``, cached at ``cache``),
     'labels': class labels when the data has them (for accuracy)} and the task a
-    ``DistillationTask`` whose base task runs the model on the inputs alone.
+    ``DistillationTask`` whose base task runs the model on the inputs alone. resuming: the
+    model holds a checkpoint's weights; the cached dense outputs are required.
     Raises PrunekitError subclasses (one line) for tasks or data that cannot work.
     """
     import dataclasses
@@ -281,7 +313,7 @@ def prepare_task(model, data: DataBundle, settings: PruneSettings, task=None, ca
     base = base_task(settings.loss, data.kind, user)
     if settings.loss != "distill":
         return base, data, None
-    return _distillation(model, data, settings, base, cache)
+    return _distillation(model, data, settings, base, cache, resuming)
 
 
 def _check_distill_settings(settings: PruneSettings) -> None:
@@ -294,7 +326,7 @@ def _check_distill_settings(settings: PruneSettings) -> None:
         )
 
 
-def _distillation(model, data: DataBundle, settings: PruneSettings, base: Task, cache):
+def _distillation(model, data: DataBundle, settings: PruneSettings, base: Task, cache, resuming):
     from prunekit.tasks import DistillationTask, check_distillable, resolve_metric
 
     inputs = data.inputs_only()  # the base task sees exactly what the run will feed it
@@ -303,7 +335,7 @@ def _distillation(model, data: DataBundle, settings: PruneSettings, base: Task, 
     metric = resolve_metric(settings.distill_metric, classes, outputs)
     check_distillable(outputs, metric)
     distill = DistillationTask(base, metric, settings.temperature)
-    teacher = teacher_outputs(model, base, inputs, cache)
+    teacher = teacher_outputs(model, base, inputs, cache, resuming)
     distill.fit_variance(teacher["train"])
     targets = {}
     for part, labels in (("train", data.y_train), ("val", data.y_val)):
@@ -802,15 +834,16 @@ def run_pruning(
     uninterrupted run.
     """
     start = time.perf_counter()
-    cache = None
+    cache, resuming = None, False
     if state_dir is not None:
         from pathlib import Path
 
-        from prunekit.prune.state import STATE_DIR
+        from prunekit.prune.state import STATE_DIR, load_step_state
 
         cache = Path(state_dir) / STATE_DIR / TEACHER_FILE
+        resuming = resume and load_step_state(state_dir) is not None
     model.to(resolve_device(settings.device))
-    task, data, teacher = prepare_task(model, data, settings, task, cache)
+    task, data, teacher = prepare_task(model, data, settings, task, cache, resuming)
     run, crit, sparsities = _start_run(model, data, settings, task, progress)
     device = next(model.parameters()).device
     score_batches = score_batches_of(

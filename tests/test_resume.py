@@ -291,3 +291,33 @@ def test_sigint_after_a_checkpoint_exits_130_and_resumes(tmp_path, recipe_file, 
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert_same_run(out, reference)
+
+
+def test_distillation_resumes_bit_identical_with_its_cached_teacher(tmp_path):
+    """An example model is rebuilt untrained on resume: the dense outputs must come from the
+    run's cache, not from the weights at hand."""
+    tree = {
+        "name": "distill-resume", "seed": 0, "data": "synthetic?n=300&dim=64&classes=10",
+        "model": {"example": "mlp-digits"},
+        "task": {"loss": "distill", "distill_metric": "kl"},
+        "criterion": {"name": "obd", "fisher": "ekfac", "score_examples": 100},
+        "schedule": {"final": 0.8, "steps": 3, "kind": "exp"},
+        "finetune": {"lr": 0.05, "batch_size": 50, "epochs_per_step": 0.5, "final_epochs": 1},
+        "analysis": {"ntk": False},
+    }  # fmt: skip
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    recipe = load_recipe(path)
+    run_recipe(recipe, tmp_path / "ref")
+    want = outcome(tmp_path / "ref")
+    out = tmp_path / "run"
+    interrupted(recipe, out, "score", 2)
+    assert (out / "state" / "teacher.safetensors").is_file()
+    run_recipe(recipe, out, resume=True)
+    assert_same_run(out, want)
+    assert want["report"]["metrics"]["finetuned"]["agreement"] > 0.5
+    (out / "state" / "teacher.safetensors").unlink()  # a resumable state without its teacher
+    interrupted(recipe, tmp_path / "again", "score", 2)
+    (tmp_path / "again" / "state" / "teacher.safetensors").unlink()
+    with pytest.raises(SettingError, match="cannot resume this distillation run"):
+        run_recipe(recipe, tmp_path / "again", resume=True)
