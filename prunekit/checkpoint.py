@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from prunekit.errors import CheckpointError, first_line
+from prunekit.trust import check_file_spec
 
 ARCH_KEY = "prunekit.arch"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "weights")
@@ -177,6 +178,8 @@ def load_model(
     if path.suffix == ".safetensors":
         state, metadata = _read_safetensors(path)
         spec = arch or metadata.get(ARCH_KEY)
+        if not arch and spec:
+            check_file_spec("arch", spec, f"the metadata of {str(path)!r}")
         fmt = "safetensors"
     elif _is_torchscript(path):
         try:
@@ -185,10 +188,12 @@ def load_model(
             raise CheckpointError(
                 f"cannot read TorchScript archive {str(path)!r}: {first_line(exc)}"
             ) from exc
+        check_finite(dict(model.state_dict()), path)
         return LoadedModel(model.eval(), None, "torchscript")
     else:
         obj = _read_pickle(path, trust_pickle)
         if isinstance(obj, nn.Module):
+            check_finite(dict(obj.state_dict()), path)
             return LoadedModel(obj.eval(), arch, "pickle")
         state, metadata, spec, fmt = _unwrap_state_dict(obj), {}, arch, "state_dict"
     if not spec:
@@ -196,5 +201,23 @@ def load_model(
             f"{str(path)!r} holds weights only; give --arch module:factory "
             "(e.g. prunekit.models:mlp?sizes=784,300,100,10&act=tanh)"
         )
+    check_finite(state, path)
     model = fit_state_dict(build_model(spec), state, spec)
     return LoadedModel(model.eval(), spec, fmt, metadata)
+
+
+def check_finite(state: dict, path: Path) -> None:
+    """CheckpointError naming the first tensor of ``state`` holding NaN or +-Inf.
+
+    Scores, curvature and fine-tuning of a model with non-finite weights are all NaN, so
+    such a file is refused at load time instead of producing a run whose loss is nan.
+    """
+    for name, tensor in state.items():
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            continue
+        bad = ~torch.isfinite(tensor)
+        if bool(bad.any()):
+            raise CheckpointError(
+                f"{str(path)!r}: tensor {name!r} holds {int(bad.sum())} non-finite values "
+                f"(NaN or Inf) of {tensor.numel()}; weights must be finite numbers"
+            )

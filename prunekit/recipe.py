@@ -17,6 +17,13 @@ from pathlib import Path
 import yaml
 
 from prunekit.errors import PrunekitError
+from prunekit.limits import MAX_EPOCHS, MAX_EXAMPLES, MAX_SAMPLES, MAX_SEED, MAX_STEPS
+from prunekit.trust import check_file_spec
+
+#: A recipe is a page of settings: refuse anything that could expand before it is parsed.
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_YAML_DEPTH = 16
+MAX_YAML_ALIASES = 32
 
 
 class _Loader(yaml.SafeLoader):
@@ -47,7 +54,9 @@ class RecipeError(PrunekitError):
 class Field:
     """One recipe key: accepted Python types, default, one-line description, and the range
     numbers must fall in: low <= value (value > low when low_open), value <= high (value < high
-    when high_open); None = unbounded. ``choices`` names a registry (see ``load_recipe``)."""
+    when high_open); None = unbounded. ``choices`` names a registry (see ``load_recipe``);
+    ``cap``: a sanity bound far above any useful value (prunekit.limits), so a typo ends in
+    one line instead of a MemoryError."""
 
     types: tuple[type, ...]
     default: object
@@ -57,6 +66,7 @@ class Field:
     low_open: bool = False
     high_open: bool = False
     choices: str | None = None
+    cap: float | None = None
 
 
 def _f(types, default, help_text, **limits):
@@ -68,7 +78,7 @@ OPT_STR = (str, type(None))
 SCHEMA: dict[str, dict[str, Field] | Field] = {
     "version": _f(int, 1, "recipe format version (1)", low=1, high=1),
     "name": _f(OPT_STR, None, "a name for reports"),
-    "seed": _f(int, 0, "seed of every random choice", low=0),
+    "seed": _f(int, 0, "seed of every random choice", low=0, cap=MAX_SEED),
     "data": _f(str, "digits", "data spec: digits, mnist5k, synthetic, FILE.npz, module:function"),
     "model": {
         "example": _f(OPT_STR, None, "train this zoo example first (e.g. mlp-digits)"),
@@ -90,18 +100,22 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "name": _f(str, "obd", "the scoring criterion", choices="criterion"),
         "fisher": _f(OPT_STR, None, "curvature estimator", choices="fisher"),
         "labels": _f(OPT_STR, None, "Fisher labels", choices="labels"),
-        "samples": _f(int, 1, "labels drawn per example for sampled", low=1),
+        "samples": _f(int, 1, "labels drawn per example for sampled", low=1, cap=MAX_SAMPLES),
         "lambda": _f(NUM, 0.0, "locality penalty", low=0),
         "scope": _f(str, "global", "ranking scope", choices="scope"),
-        "score_examples": _f(int, 1000, "training examples used to score", low=1),
-        "score_batch_size": _f(int, 250, "examples per scoring batch (memory)", low=1),
+        "score_examples": _f(
+            int, 1000, "training examples used to score", low=1, cap=MAX_EXAMPLES
+        ),
+        "score_batch_size": _f(
+            int, 250, "examples per scoring batch (memory)", low=1, cap=MAX_EXAMPLES
+        ),
         "refit_basis_every": _f(int, 0, "EKFAC eigenbasis refit period (0 = keep)", low=0),
         "masked_scaling": _f(bool, False, "EKFAC scaling from masked gradients (slow)"),
         "compensate": _f(bool, False, "OBS update of surviving weights"),
     },
     "schedule": {
         "final": _f(NUM, 0.9, "final sparsity of target weights", low=0, high=1, high_open=True),
-        "steps": _f(int, 10, "pruning steps", low=1),
+        "steps": _f(int, 10, "pruning steps", low=1, cap=MAX_STEPS),
         "kind": _f(str, "exp", "sparsity schedule", choices="schedule"),
     },
     "finetune": {
@@ -109,9 +123,11 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "lr": _f(NUM, 0.01, "learning rate", low=0, low_open=True),
         "momentum": _f(NUM, 0.9, "SGD momentum", low=0, high=1, high_open=True),
         "weight_decay": _f(NUM, 5e-4, "weight decay", low=0),
-        "batch_size": _f(int, 100, "batch size", low=1),
-        "epochs_per_step": _f(NUM, 1.0, "fine-tuning epochs after each step", low=0),
-        "final_epochs": _f(NUM, 2.0, "epochs of the final fine-tune", low=0),
+        "batch_size": _f(int, 100, "batch size", low=1, cap=MAX_EXAMPLES),
+        "epochs_per_step": _f(
+            NUM, 1.0, "fine-tuning epochs after each step", low=0, cap=MAX_EPOCHS
+        ),
+        "final_epochs": _f(NUM, 2.0, "epochs of the final fine-tune", low=0, cap=MAX_EPOCHS),
         "recalibrate_bn": _f(
             (bool, type(None)), None, "re-estimate BatchNorm statistics after each step"
         ),
@@ -172,9 +188,17 @@ def _check_type(path: str, value, spec: Field, where: str) -> None:
     _check_range(path, value, spec, where)
 
 
+def _num(bound: float) -> str:
+    return f"{bound:,}" if isinstance(bound, int) else f"{bound:g}"
+
+
 def _check_range(path: str, value, spec: Field, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
+    if spec.cap is not None and value > spec.cap:
+        raise RecipeError(
+            f"{where}: {path} = {value!r} is too large; it must be <= {_num(spec.cap)}"
+        )
     too_low = spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low)
     too_high = spec.high is not None and (
         value >= spec.high if spec.high_open else value > spec.high
@@ -182,13 +206,13 @@ def _check_range(path: str, value, spec: Field, where: str) -> None:
     if too_low or too_high:
         if spec.low is not None and spec.high is not None:
             bounds = (
-                f"in {'(' if spec.low_open else '['}{spec.low:g}, {spec.high:g}"
+                f"in {'(' if spec.low_open else '['}{_num(spec.low)}, {_num(spec.high)}"
                 f"{')' if spec.high_open else ']'}"
             )
         elif spec.low is not None:
-            bounds = f"{'>' if spec.low_open else '>='} {spec.low:g}"
+            bounds = f"{'>' if spec.low_open else '>='} {_num(spec.low)}"
         else:
-            bounds = f"{'<' if spec.high_open else '<='} {spec.high:g}"
+            bounds = f"{'<' if spec.high_open else '<='} {_num(spec.high)}"
         raise RecipeError(f"{where}: {path} = {value!r} is impossible; it must be {bounds}")
 
 
@@ -257,10 +281,9 @@ def load_recipe(path: Path | str, overrides: list[str] = (), choices: dict | Non
     quantize), checked with the key's line; the pipeline passes its registries.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist")
-    text = path.read_text()
+    text = _read_recipe_text(path)
     try:
+        _check_yaml_size(text)
         node = yaml.compose(text, Loader=_Loader)
         tree = _load_yaml(text)
     except yaml.YAMLError as exc:
@@ -282,6 +305,80 @@ def load_recipe(path: Path | str, overrides: list[str] = (), choices: dict | Non
     _check_model_section(recipe, str(path))
     check_export_needed(recipe, str(path))
     return recipe
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe's text: an existing file of at most MAX_RECIPE_BYTES, valid UTF-8."""
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist or is not a file")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"recipe {str(path)!r} is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}"
+        )
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"recipe {str(path)!r} is not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x})"
+        ) from exc
+
+
+def _check_yaml_size(text: str) -> None:
+    """Refuse deep nesting and many aliases from the event stream, before anything expands.
+
+    Composing or walking a document whose aliases nest ("billion laughs") costs memory and
+    time exponential in its few hundred bytes; its events are linear in the text.
+    """
+    depth = aliases = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nesting deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        elif isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name)")
+
+
+def check_recipe_trust(recipe: dict, overrides=(), source: str = "recipe") -> None:
+    """Refuse code that a recipe file names (model.arch, data, task.spec, or the arch in its
+    checkpoint's metadata) unless it is prunekit's own or code from files is allowed.
+
+    Values set with ``--set`` were typed by the user and are trusted as typed. Reads only
+    the checkpoint's safetensors header; imports nothing.
+    """
+    typed = {item.partition("=")[0].strip() for item in overrides}
+    specs = [
+        ("data", recipe["data"], "data"),
+        ("arch", recipe["model"]["arch"], "model.arch"),
+        ("task", recipe["task"]["spec"], "task.spec"),
+    ]
+    for kind, spec, key in specs:
+        if spec and key not in typed:
+            check_file_spec(kind, spec, f"{source} ({key})")
+    checkpoint = recipe["model"]["checkpoint"]
+    if checkpoint and not recipe["model"]["arch"]:
+        arch = _metadata_arch(Path(checkpoint))
+        if arch:
+            check_file_spec("arch", arch, f"the metadata of {checkpoint!r} ({source})")
+
+
+def _metadata_arch(path: Path) -> str | None:
+    """The arch spec in a safetensors file's header, or None (other formats, unreadable)."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("prunekit.arch")
+    except (SafetensorError, OSError, ValueError):
+        return None  # the loader reports the unreadable file in its own words
 
 
 def _apply_override(tree: dict, item: str) -> None:

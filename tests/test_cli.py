@@ -405,7 +405,9 @@ def test_prune_a_torchscript_archive(tmp_path, digits_model_file, cli):
 
 
 def _normalise(text: str) -> str:
-    return " ".join(text.split())
+    """Help text as one line: rich's panel borders (box drawing) removed, whitespace joined."""
+    plain = "".join(" " if "\u2500" <= ch <= "\u257f" else ch for ch in text)
+    return " ".join(plain.split())
 
 
 def test_top_level_help_lists_every_command(cli):

@@ -213,7 +213,8 @@ def _case(tmp: Path, model: Path, name: str):
         return ["export", model, "--out", out, "--data", "cifar10"], [], ["'cifar10'", "digits"]
     if name == "op the exporter cannot handle":
         ckpt = _unsupported_op_checkpoint(tmp)
-        return ["export", ckpt, "--out", out], [ckpt], ["linalg_eigvalsh", "EighNet"]
+        args = ["export", ckpt, "--out", out, "--arch", f"{HELPER_MODULE}:factory"]
+        return args, [ckpt], ["linalg_eigvalsh", "EighNet"]
     raise AssertionError(name)
 
 
@@ -341,7 +342,9 @@ def test_unsupported_op_leaks_no_warnings_or_colour_codes(
     ckpt = _unsupported_op_checkpoint(tmp_path)
     capfd.readouterr()
     with caplog.at_level(logging.WARNING):
-        code, _, stderr = cli("export", ckpt, "--out", tmp_path / "m.onnx")
+        code, _, stderr = cli(
+            "export", ckpt, "--out", tmp_path / "m.onnx", "--arch", f"{HELPER_MODULE}:factory"
+        )
     assert code == 2 and "linalg_eigvalsh" in stderr
     leaked = capfd.readouterr().err
     records = [f"{r.name}: {r.getMessage()[:80]}" for r in caplog.records]

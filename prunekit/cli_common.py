@@ -1,0 +1,167 @@
+"""What every `prunekit` command shares: the typer app, help panels, loading a model, the
+data spec of a checkpoint, output checks, torchrun, and what an interrupt reports."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from prunekit.console import BarProgress, print_receipt
+from prunekit.errors import PrunekitError, RunDirError
+from prunekit.trust import check_file_spec
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    help="Prune trained PyTorch models with Taylor/Fisher criteria and export sparse ONNX.",
+)
+
+#: The run in progress, for the line an interrupt prints: its bars and how to resume it.
+ACTIVE: dict = {"bars": None, "resume": None}
+
+CURVATURE = "Criterion and curvature"
+SCHEDULE = "Schedule"
+FINETUNE = "Fine-tuning"
+DATA = "Data and task"
+OUTPUTS = "Outputs"
+ANALYSIS = "Analysis"
+ADVANCED = "Advanced"
+
+TRUST_CODE_HELP = (
+    "Let specs read from files (checkpoint metadata, recipes) name code outside prunekit, "
+    "which is then imported and called. Without it only prunekit's own models and data are "
+    "used from files; specs you type (--arch, --data, --task, --set) are always trusted."
+)
+
+
+def choices(names) -> str:
+    return ", ".join(sorted(names))
+
+
+def example_names() -> list[str]:
+    from prunekit.models.examples import EXAMPLES
+
+    return list(EXAMPLES)
+
+
+def criterion_names():
+    from prunekit.criteria import CRITERIA
+
+    return CRITERIA
+
+
+def estimator_names():
+    from prunekit.criteria.curvature import ESTIMATORS
+
+    return ESTIMATORS
+
+
+def load(model: Path, arch: str | None, trust_pickle: bool):
+    from prunekit.checkpoint import load_model
+
+    return load_model(model, arch=arch, trust_pickle=trust_pickle)
+
+
+def data_spec(typed: str | None, loaded, model: Path) -> str:
+    """The data spec: as typed, else the checkpoint's (which may not name code)."""
+    if typed:
+        return typed
+    stored = loaded.metadata.get("prunekit.data")
+    if not stored:
+        raise PrunekitError("no --data given and the checkpoint names none; e.g. --data digits")
+    check_file_spec("data", stored, f"the metadata of {str(model)!r}")
+    return stored
+
+
+def check_export_target(
+    path: Path, overwrite: bool, source: Path, receipt: Path | None = None, run_dir=None
+) -> None:
+    """Refuse an ONNX destination before any work: missing folder, the input, or files
+    that exist without --overwrite (the receipt beside it included)."""
+    created_later = run_dir is not None and path.parent.resolve() == Path(run_dir).resolve()
+    if not path.parent.is_dir() and not created_later:
+        raise RunDirError(f"folder {str(path.parent)!r} of {str(path)!r} does not exist")
+    if path.resolve() == source.resolve():
+        raise RunDirError(f"{str(path)!r} is the input checkpoint; choose another path")
+    for existing in (path, receipt):
+        if existing is not None and existing.exists() and not overwrite:
+            raise RunDirError(f"{str(existing)!r} exists; pass --overwrite or choose another path")
+
+
+@contextmanager
+def distributed(device: str):
+    """Join the torchrun job described by the environment (gloo on CPU, nccl on CUDA).
+
+    Yields this process's rank (0 outside a job); the group is destroyed on exit.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield dist.get_rank() if dist.is_initialized() else 0
+        return
+    if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def export_files(export: Path | None) -> tuple[str, ...]:
+    return () if export is None else (str(export), "export.json")
+
+
+def show_receipt(receipt: dict) -> None:
+    """Print an export receipt table."""
+    from prunekit.export import receipt_table
+
+    print_receipt(receipt, receipt_table(receipt))
+
+
+def plots(run_dir: Path) -> list[Path]:
+    """Draw the run's plots (matplotlib is imported only here)."""
+    from prunekit.analysis import plot_run
+
+    return plot_run(run_dir)
+
+
+@contextmanager
+def tracked_run(bars: BarProgress, resume: str | None):
+    """Remember the running job so an interrupt can say how far it got and how to resume."""
+    ACTIVE.update(bars=bars, resume=resume)
+    try:
+        yield bars
+    finally:
+        ACTIVE.update(bars=None, resume=None)
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler stopping the job) ends the run like Ctrl-C."""
+    import signal
+
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def interrupted_line() -> str:
+    """'interrupted after step k of n; resume with ...' for the run that was stopped."""
+    bars, resume = ACTIVE["bars"], ACTIVE["resume"]
+    done = getattr(bars, "steps_done", None)
+    where = f"after step {done[0]} of {done[1]}" if done else "before the first pruning step"
+    if resume:
+        return f"interrupted {where}; resume with: {resume}"
+    if bars is not None:
+        return f"interrupted {where}; nothing was written"
+    return "interrupted"

@@ -1,0 +1,272 @@
+"""`prunekit prune`: the main command; options grouped into help panels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from prunekit.cli_common import (
+    ADVANCED,
+    ANALYSIS,
+    CURVATURE,
+    DATA,
+    FINETUNE,
+    OUTPUTS,
+    SCHEDULE,
+    TRUST_CODE_HELP,
+    app,
+    check_export_target,
+    choices,
+    criterion_names,
+    data_spec,
+    distributed,
+    estimator_names,
+    export_files,
+    load,
+    plots,
+    show_receipt,
+    tracked_run,
+)
+from prunekit.console import BarProgress, print_summary
+from prunekit.limits import check_bounds
+from prunekit.trust import trusting_code
+
+
+@app.command()
+def prune(
+    model: Path = typer.Argument(
+        ...,
+        help="Checkpoint: .safetensors/.pt state_dict, TorchScript archive, "
+        "or pickled module (with --trust-pickle).",
+    ),
+    criterion: str = typer.Option(
+        "obd", help=f"Scoring criterion: one of {choices(criterion_names())}."
+    ),
+    sparsity: float = typer.Option(0.9, help="Final fraction of target weights pruned, in [0, 1)."),
+    steps: int = typer.Option(10, help="Number of pruning steps (the paper used 1, 14, 140)."),
+    data: str = typer.Option(
+        None,
+        help="Data spec: digits, mnist5k, synthetic, FILE.npz or module:function "
+        "(default: the one stored in the checkpoint).",
+    ),
+    out: Path = typer.Option(
+        None, help="Run directory (default runs/<model>-<criterion>-<sparsity>)."
+    ),
+    export: Path = typer.Option(
+        None, help="Also export the pruned model to this ONNX file (packed storage, verified)."
+    ),
+    fisher: str = typer.Option(
+        None,
+        help=f"Curvature estimator for obd/qm: one of {choices(estimator_names())} "
+        "(default: the criterion's).",
+        rich_help_panel=CURVATURE,
+    ),
+    fisher_labels: str = typer.Option(
+        None,
+        help="Fisher labels: exact (expectation over the model's classes), "
+        "sampled (drawn from the model) or empirical (the data's labels).",
+        rich_help_panel=CURVATURE,
+    ),
+    fisher_samples: int = typer.Option(
+        1, help="Labels drawn per example with --fisher-labels sampled.", rich_help_panel=CURVATURE
+    ),
+    lam: float = typer.Option(
+        0.0,
+        "--lambda",
+        help="Locality penalty lambda/2*theta^2 added to every score (large = magnitude-like).",
+        rich_help_panel=CURVATURE,
+    ),
+    scope: str = typer.Option(
+        "global",
+        help="global: rank all targets together; layer: same sparsity in every target.",
+        rich_help_panel=CURVATURE,
+    ),
+    compensate: bool = typer.Option(
+        False,
+        help="OBS update of the surviving weights of each layer within every step "
+        "(obd/qm/obs on kfac or ekfac); report.json gives the loss before and after.",
+        rich_help_panel=CURVATURE,
+    ),
+    score_examples: int = typer.Option(
+        1000,
+        help="Training examples used to estimate gradients and curvature.",
+        rich_help_panel=CURVATURE,
+    ),
+    schedule: str = typer.Option(
+        "exp",
+        help="Sparsity schedule: exp (same fraction of the remaining weights "
+        "each step), linear or cubic.",
+        rich_help_panel=SCHEDULE,
+    ),
+    include: list[str] = typer.Option(
+        [], help="Only prune parameters matching this glob (repeatable).", rich_help_panel=SCHEDULE
+    ),
+    exclude: list[str] = typer.Option(
+        [], help="Never prune parameters matching this glob (repeatable).", rich_help_panel=SCHEDULE
+    ),
+    embeddings: bool = typer.Option(
+        False,
+        help="Also prune nn.Embedding weights (scored with the diagonal Fisher).",
+        rich_help_panel=SCHEDULE,
+    ),
+    finetune_epochs: float = typer.Option(
+        1.0,
+        help="Fine-tuning epochs after each step (0 = prune all steps first, as in the paper).",
+        rich_help_panel=FINETUNE,
+    ),
+    final_epochs: float = typer.Option(
+        2.0, help="Epochs of the final fine-tune.", rich_help_panel=FINETUNE
+    ),
+    lr: float = typer.Option(
+        0.01, help="Fine-tuning learning rate (SGD, momentum 0.9).", rich_help_panel=FINETUNE
+    ),
+    optimizer: str = typer.Option(
+        "sgd", help="Fine-tuning optimizer: sgd or adamw.", rich_help_panel=FINETUNE
+    ),
+    batch_size: int = typer.Option(100, help="Fine-tuning batch size.", rich_help_panel=FINETUNE),
+    recalibrate_bn: bool = typer.Option(
+        None,
+        "--recalibrate-bn/--no-recalibrate-bn",
+        help="Re-estimate BatchNorm running statistics (per time step for BN-LSTM) on training "
+        "batches after each pruning step (default: on when the model has BatchNorm).",
+        rich_help_panel=FINETUNE,
+    ),
+    arch: str = typer.Option(
+        None,
+        help="Architecture for a state_dict: module:factory[?key=value&...].",
+        rich_help_panel=DATA,
+    ),
+    task: str = typer.Option(
+        None,
+        help="User task module:factory; the factory returns an object with forward(model, "
+        "batch) and loss(outputs, batch) (optional sample, metrics). Batches are tensors, "
+        "dicts of tensors, or (inputs, targets).",
+        rich_help_panel=DATA,
+    ),
+    loss: str = typer.Option(
+        "auto",
+        help="Training loss: auto (from the data's labels or --task), classification, "
+        "regression, or distill (match the dense model's own outputs; no labels needed).",
+        rich_help_panel=DATA,
+    ),
+    distill_metric: str = typer.Option(
+        "auto",
+        help="With --loss distill: kl (logits, at --temperature), mse or cosine (embeddings); "
+        "auto = kl when the outputs are logits over the data's classes, else cosine.",
+        rich_help_panel=DATA,
+    ),
+    temperature: float = typer.Option(
+        1.0,
+        help="With --loss distill --distill-metric kl: softmax temperature (> 0).",
+        rich_help_panel=DATA,
+    ),
+    overwrite: bool = typer.Option(
+        False, help="Replace an earlier run in --out.", rich_help_panel=OUTPUTS
+    ),
+    quiet: bool = typer.Option(False, help="No progress bars.", rich_help_panel=OUTPUTS),
+    ntk: bool = typer.Option(
+        None,
+        "--ntk/--no-ntk",
+        help="Log the tangent-kernel alignment on fixed train and "
+        "validation probes (default: on when the model has <= 10 outputs and <= 500k target "
+        "weights).",
+        rich_help_panel=ANALYSIS,
+    ),
+    ntk_every: str = typer.Option(
+        "none",
+        help="NTK logging inside fine-tuning: none (only at step boundaries), xM (log-spaced "
+        "iterations 5*M^k; x1.15 is the paper's schedule) or N (every N iterations).",
+        rich_help_panel=ANALYSIS,
+    ),
+    score_batch_size: int = typer.Option(
+        250,
+        help="Examples per scoring batch; lower it for long sequences (curvature passes hold "
+        "every target layer's inputs and outputs for one batch).",
+        rich_help_panel=ADVANCED,
+    ),
+    refit_basis_every: int = typer.Option(
+        0,
+        help="EKFAC: refit the eigenbasis every N steps (0 = keep the first basis, refit "
+        "only the scaling, with pruned weights contributing nothing).",
+        rich_help_panel=ADVANCED,
+    ),
+    masked_scaling: bool = typer.Option(
+        False,
+        help="EKFAC: refit the scaling from masked per-example gradients, so pruned weights "
+        "contribute nothing (exact; ~100x slower on wide layers). Off: the surviving "
+        "weights' diagonal estimates the same F_qq.",
+        rich_help_panel=ADVANCED,
+    ),
+    seed: int = typer.Option(
+        0,
+        help="Seed of every random choice (split, sampling, shuffling), 0 to 2**63-1.",
+        rich_help_panel=ADVANCED,
+    ),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto.", rich_help_panel=ADVANCED),
+    trust_pickle: bool = typer.Option(
+        False,
+        help="Allow loading a full pickled module (runs code from the file).",
+        rich_help_panel=ADVANCED,
+    ),
+    trust_code: bool = typer.Option(False, help=TRUST_CODE_HELP, rich_help_panel=ADVANCED),
+) -> None:
+    """Score, prune in steps with fine-tuning between them, and write a run directory.
+
+    The first options are the ones that matter most; the panels below group the rest.
+    """
+    options = dict(locals())  # first: exactly the command's options
+    from prunekit.pipeline import PruneSettings
+
+    check_bounds(options, {k: "--" + k.replace("_", "-") for k in options})
+    check_bounds({"samples": fisher_samples}, {"samples": "--fisher-samples"})
+    with trusting_code(trust_code):
+        loaded = load(model, arch, trust_pickle)
+        out = out or Path("runs") / f"{model.stem}-{criterion}-{sparsity:g}"
+        settings = PruneSettings(**_settings_options(options))
+        _prune_into(loaded, model, out, settings, options)
+
+
+_NOT_SETTINGS = ("model", "data", "out", "export", "arch", "overwrite", "quiet", "trust_pickle")
+_RENAMED = {"fisher_labels": "labels", "fisher_samples": "samples", "task": "task_spec"}
+
+
+def _settings_options(options: dict) -> dict:
+    """PruneSettings keyword arguments from the prune command's options."""
+    skip = (*_NOT_SETTINGS, "trust_code")
+    settings = {_RENAMED.get(k, k): v for k, v in options.items() if k not in skip}
+    return {**settings, "include": tuple(options["include"]), "exclude": tuple(options["exclude"])}
+
+
+def _prune_into(loaded, model: Path, out: Path, settings, options: dict) -> None:
+    """Check every output, run the pruning, then write the run, plots, summary and export."""
+    from prunekit.pipeline import resolve_data, run_pruning, write_run
+    from prunekit.prune.state import check_run_dir
+
+    export, overwrite = options["export"], options["overwrite"]
+    check_run_dir(out, overwrite, inputs=(model,), extra_files=export_files(export))
+    if export is not None:
+        check_export_target(export, overwrite, model, run_dir=out)
+    data_name = data_spec(options["data"], loaded, model)
+    bundle = resolve_data(data_name, seed=settings.seed)
+    with distributed(settings.device) as rank:
+        bars = BarProgress(enabled=not options["quiet"] and rank == 0)
+        with tracked_run(bars, None), bars:
+            result = run_pruning(loaded.model, bundle, settings, progress=bars)
+    if rank != 0:  # under torchrun only rank 0 publishes the run
+        return
+    write_run(out, result, loaded.arch, data_name)
+    plots(out)
+    print_summary(result.report, out)
+    if export is not None:
+        from prunekit.pipeline import export_model
+
+        receipt = export_model(
+            result.model,
+            export,
+            bundle,
+            masks=result.masks,
+            overwrite=overwrite,
+            receipt_path=out / "export.json",
+        )
+        show_receipt(receipt)

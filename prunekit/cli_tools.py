@@ -1,0 +1,117 @@
+"""`prunekit example`, `prunekit plot` and `prunekit export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from prunekit.cli_common import (
+    TRUST_CODE_HELP,
+    app,
+    check_export_target,
+    choices,
+    data_spec,
+    example_names,
+    load,
+    plots,
+    show_receipt,
+    tracked_run,
+)
+from prunekit.console import BarProgress, fmt, out_console
+from prunekit.errors import RunDirError
+from prunekit.limits import check_bounds
+from prunekit.trust import trusting_code
+
+
+@app.command()
+def example(
+    name: str = typer.Argument(
+        ..., help=f"Example to train: one of {choices(example_names())}."
+    ),
+    out: Path = typer.Option(..., help="Where to write the trained checkpoint (.safetensors)."),
+    seed: int = typer.Option(0, help="Seed of initialisation, split and shuffling (0 to 2**63-1)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at --out."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train a zoo model on bundled data and write a checkpoint `prunekit prune` reads."""
+    from prunekit.checkpoint import ARCH_KEY
+    from prunekit.models import EXAMPLES
+    from prunekit.pipeline import train_example
+    from prunekit.prune.state import save_tensors
+
+    if name not in EXAMPLES:
+        from prunekit.errors import choice_error
+
+        raise choice_error("example", name, EXAMPLES)
+    check_bounds({"seed": seed}, {"seed": "--seed"})
+    if out.suffix != ".safetensors":
+        raise RunDirError(f"--out {str(out)!r} must end in .safetensors")
+    if out.exists() and not overwrite:
+        raise RunDirError(f"--out {str(out)!r} exists; pass --overwrite or choose another path")
+    if not out.parent.is_dir():
+        raise RunDirError(f"folder {str(out.parent)!r} of --out {str(out)!r} does not exist")
+    with BarProgress(enabled=not quiet) as bars, tracked_run(bars, None):
+        model, arch, data_name, metrics = train_example(name, seed=seed, progress=bars)
+    meta = {
+        ARCH_KEY: arch,
+        "prunekit.data": data_name,
+        "prunekit.example": name,
+        "prunekit.accuracy": f"{metrics['accuracy']:.4f}",
+    }
+    save_tensors(out, model.state_dict(), meta)
+    out_console.print(
+        f"trained {name} ({EXAMPLES[name].description}): validation loss "
+        f"{metrics['loss']:.4f}, accuracy {fmt(metrics['accuracy'])} -> {out}"
+    )
+
+
+@app.command()
+def plot(run_dir: Path = typer.Argument(..., help="A run directory written by prunekit prune.")):
+    """Draw loss/accuracy, sparsity and NTK alignment curves into RUN_DIR/plots/."""
+    for path in plots(run_dir):
+        out_console.print(str(path))
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(
+        ..., help="Pruned checkpoint (e.g. RUN_DIR/model.safetensors)."
+    ),
+    out: Path = typer.Option(..., help="ONNX file to write; export.json is written beside it."),
+    storage: str = typer.Option(
+        "packed",
+        help="dense, sparse (SparseTensorProto) or packed (uint8 index deltas + "
+        "values, decoded in-graph and constant-folded by onnxruntime).",
+    ),
+    quantize: str = typer.Option(None, help="int8: packed values as int8 with per-row scales."),
+    opset: int = typer.Option(None, help="ONNX opset (default 18)."),
+    data: str = typer.Option(
+        None, help="Data spec for the parity check (default: the one stored in the checkpoint)."
+    ),
+    arch: str = typer.Option(None, help="Architecture for a state_dict: module:factory[?k=v]."),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at --out."),
+    trust_pickle: bool = typer.Option(False, help="Allow loading a full pickled module."),
+    trust_code: bool = typer.Option(False, help=TRUST_CODE_HELP),
+) -> None:
+    """Export a pruned model to ONNX, verify parity in onnxruntime, and print the receipt."""
+    from prunekit.data import check_data_fits
+    from prunekit.export import check_modes
+    from prunekit.pipeline import export_model, resolve_data
+
+    check_modes(storage, quantize)
+    with trusting_code(trust_code):
+        loaded = load(checkpoint, arch, trust_pickle)
+        check_export_target(out, overwrite, checkpoint, receipt=out.with_name("export.json"))
+        bundle = resolve_data(data_spec(data, loaded, checkpoint))
+        check_data_fits(loaded.model, bundle)
+        receipt = export_model(
+            loaded.model,
+            out,
+            bundle,
+            storage=storage,
+            quantize=quantize,
+            opset=opset,
+            overwrite=overwrite,
+        )
+    show_receipt(receipt)
