@@ -39,10 +39,11 @@ def check_bound(name: str, value: object, flag: str | None = None) -> None:
         value = int(value)
     elif not isinstance(value, (int, float)) or isinstance(value, bool) or not value == value:
         raise SettingError(f"{what} {value!r} must be a number in [{low:g}, {high:g}]")
+    shown = f"{int(high):,}" if integer else f"{high:,g}"
     if value < low:
-        raise SettingError(f"{what} {value!r} must be >= {low:g} (and <= {high:,g})")
+        raise SettingError(f"{what} {value!r} must be >= {low:g} (and <= {shown})")
     if value > high:
-        raise SettingError(f"{what} {value!r} must be <= {high:,g}")
+        raise SettingError(f"{what} {value!r} must be <= {shown}")
 
 
 def check_bounds(values: dict, flags: dict[str, str] | None = None) -> None:
