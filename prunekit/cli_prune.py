@@ -26,6 +26,7 @@ from prunekit.cli_common import (
     load,
     plots,
     show_receipt,
+    sigterm_as_interrupt,
     tracked_run,
 )
 from prunekit.console import BarProgress, print_summary
@@ -249,6 +250,7 @@ def _prune_into(loaded, model: Path, out: Path, settings, options: dict) -> None
         check_export_target(export, overwrite, model, run_dir=out)
     data_name = data_spec(options["data"], loaded, model)
     bundle = resolve_data(data_name, seed=settings.seed)
+    sigterm_as_interrupt()
     with distributed(settings.device) as rank:
         bars = BarProgress(enabled=not options["quiet"] and rank == 0)
         with tracked_run(bars, None), bars:
