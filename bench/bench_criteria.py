@@ -21,9 +21,11 @@ import torch.nn.utils.prune as torch_prune
 from _report import markdown_table, update_section  # bench/ is sys.path[0] when run
 from torch import nn
 
+from prunekit.api import train_example
 from prunekit.data import load_data
 from prunekit.finetune import evaluate
-from prunekit.pipeline import PruneSettings, run_pruning, train_example
+from prunekit.loop import run_pruning
+from prunekit.settings import PruneSettings
 from prunekit.types import make_task
 
 RUNS = [  # (label, criterion, fisher, labels)

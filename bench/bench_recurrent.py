@@ -20,11 +20,13 @@ import torch
 from _report import stdout_to_section  # bench/ is sys.path[0] when run
 from torch import nn
 
+from prunekit.api import train_example
 from prunekit.checkpoint import build_model
 from prunekit.data import load_data
 from prunekit.finetune import evaluate
 from prunekit.finetune.bn import recalibrate_bn
-from prunekit.pipeline import PruneSettings, run_pruning, train_example
+from prunekit.loop import run_pruning
+from prunekit.settings import PruneSettings
 from prunekit.types import make_task
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,16 +11,15 @@ import os
 # made one 785x785 eigh take 5-10 s instead of 0.1 s. Only effective before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from prunekit.errors import PrunekitError  # noqa: E402
-from prunekit.pipeline import (  # noqa: E402
-    PruneResult,
-    PruneSettings,
+from prunekit.api import (  # noqa: E402
     export_onnx,
     fisher_diagonal,
     ntk_alignment,
     prune,
     score,
 )
+from prunekit.errors import PrunekitError  # noqa: E402
+from prunekit.settings import PruneResult, PruneSettings  # noqa: E402
 from prunekit.tasks import DistillationTask  # noqa: E402
 from prunekit.types import ClassificationTask, RegressionTask, Task  # noqa: E402
 

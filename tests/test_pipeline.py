@@ -14,15 +14,11 @@ from torch import nn
 from prunekit.checkpoint import load_model
 from prunekit.data import load_data
 from prunekit.errors import SettingError
-from prunekit.pipeline import (
-    NTK_MAX_OUTPUTS,
-    NTK_MAX_WEIGHTS,
-    PruneSettings,
-    ntk_is_cheap,
-    run_pruning,
-    write_run,
-)
+from prunekit.loop import run_pruning
+from prunekit.ntklog import NTK_MAX_OUTPUTS, NTK_MAX_WEIGHTS, ntk_is_cheap
 from prunekit.prune.schedules import schedule
+from prunekit.report import write_run
+from prunekit.settings import PruneSettings
 
 TARGETS = ("1.weight", "3.weight")
 BIASES = ("1.bias", "3.bias")

@@ -18,8 +18,9 @@ from prunekit.criteria.scores import TaylorCriterion
 from prunekit.data import load_data
 from prunekit.errors import SettingError
 from prunekit.finetune import FinetuneSettings, finetune
-from prunekit.pipeline import PruneSettings, run_pruning
+from prunekit.loop import run_pruning
 from prunekit.prune.schedules import schedule
+from prunekit.settings import PruneSettings
 from prunekit.types import ClassificationTask
 
 TARGETS = ("1.weight", "3.weight")

@@ -13,12 +13,11 @@ import yaml
 
 import prunekit.checkpoint as checkpoint_mod
 import prunekit.data as data_mod
-import prunekit.pipeline as pipeline_mod
+import prunekit.recipe_run as pipeline_mod
 from prunekit.checkpoint import build_model, load_model
 from prunekit.data import load_data
 from prunekit.errors import PrunekitError, SettingError
 from prunekit.models import EXAMPLES
-from prunekit.pipeline import explain_recipe, validate_recipe
 from prunekit.recipe import (
     SCHEMA,
     RecipeError,
@@ -27,6 +26,7 @@ from prunekit.recipe import (
     load_recipe,
     recipe_hash,
 )
+from prunekit.recipe_run import explain_recipe, validate_recipe
 
 FIXTURE_WEIGHTS = {"1.weight": 64 * 32, "3.weight": 32 * 10}  # conftest's 64-32-10 MLP
 
@@ -705,7 +705,7 @@ def test_run_export_gates(cli, tmp_path, gate_recipe):
 
 
 def test_checked_gate_runs_are_deterministic_on_cpu(tmp_path, gate_recipe):
-    from prunekit.pipeline import run_recipe
+    from prunekit.recipe_run import run_recipe
 
     recipe = load_recipe(gate_recipe)
     a, _ = run_recipe(recipe, tmp_path / "a")

@@ -243,8 +243,8 @@ def test_report_gives_recurrent_sparsity_per_gate():
     """Rows of LSTM/BN-LSTM matrices are gate blocks i, f, g, o; GRU r, z, n."""
     import torch
 
-    from prunekit.pipeline import _gate_sparsity
     from prunekit.prune.targets import find_targets
+    from prunekit.report import _gate_sparsity
 
     for cell, gates in (("lstm", 4), ("bnlstm", 4), ("gru", 3)):
         model = build_model(f"prunekit.models:lstm?input_size=8&hidden=4&classes=3&cell={cell}")

@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from prunekit.errors import SettingError
-from prunekit.pipeline import run_recipe
 from prunekit.prune.state import load_step_state
 from prunekit.recipe import load_recipe
+from prunekit.recipe_run import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4

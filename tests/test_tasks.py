@@ -14,9 +14,10 @@ from torch.func import functional_call, jacrev, vmap
 import prunekit
 from prunekit.criteria.fisher import squared_gradient_sums
 from prunekit.data import bundle_from_batches
+from prunekit.distill import prepare_task, teacher_outputs
 from prunekit.errors import DataError, SettingError
-from prunekit.pipeline import PruneSettings, prepare_task, teacher_outputs
 from prunekit.prune.targets import find_targets
+from prunekit.settings import PruneSettings
 from prunekit.tasks import DistillationTask, as_task, check_distillable
 from prunekit.types import ClassificationTask, Task
 
@@ -207,7 +208,7 @@ def test_check_distillable_names_what_cannot_be_compared():
 
 
 def test_teacher_outputs_are_cached_by_weights_and_data(tmp_path, monkeypatch):
-    import prunekit.pipeline as pipeline
+    import prunekit.distill as pipeline
 
     model = small_mlp()
     data = bundle_from_batches([torch.randn(30, 6)])

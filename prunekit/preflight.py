@@ -1,0 +1,111 @@
+"""Check every setting against the model, the task and the data before any long work.
+
+A run that cannot work fails here in one line (a PrunekitError naming the bad value and
+what would be valid), not after minutes of scoring or fine-tuning.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from prunekit.analysis import log_spaced_iterations
+from prunekit.criteria.fisher import check_labels
+from prunekit.data import DataBundle, check_data_fits
+from prunekit.errors import DataError, SettingError, choice_error
+from prunekit.prune.masks import SCOPES
+from prunekit.prune.schedules import schedule
+from prunekit.prune.targets import find_targets
+from prunekit.settings import PruneSettings, make_run_criterion, resolved_labels
+from prunekit.tasks import UserTask
+from prunekit.types import Task
+
+
+def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: Task):
+    """Check every setting against model and data before any long work.
+
+    Returns (criterion, schedule values, targets). Raises PrunekitError subclasses.
+    """
+    crit = make_run_criterion(settings)
+    if settings.compensate and (not crit.uses_curvature or crit.fisher == "diag"):
+        raise SettingError(
+            f"--compensate needs a curvature criterion (obd, qm, obs) on kfac or ekfac, not "
+            f"{settings.criterion!r} with fisher {crit.fisher!r}"
+        )
+    check_data_fits(model, data, task)
+    labels = resolved_labels(crit, task) if crit.uses_curvature else None
+    _check_distill_gradients(settings.criterion, crit, task, labels)
+    if crit.uses_curvature:
+        _check_label_source(labels, task, data, crit.samples)
+    sparsities = schedule(settings.sparsity, settings.steps, settings.schedule)
+    if settings.scope not in SCOPES:
+        raise choice_error("scope", settings.scope, SCOPES)
+    for name in ("score_examples", "score_batch_size", "batch_size"):
+        if getattr(settings, name) < 1:
+            raise SettingError(f"{name} must be >= 1, got {getattr(settings, name)!r}")
+    settings.finetune_settings(settings.finetune_epochs)
+    settings.finetune_settings(settings.final_epochs)
+    log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
+    targets = find_targets(model, settings.include, settings.exclude, settings.embeddings)
+    return crit, sparsities, targets
+
+
+def _check_distill_gradients(name: str, crit, task: Task, labels: str | None) -> None:
+    """Distillation starts at its optimum: the loss gradient is exactly zero at the dense
+    model, so gradient-only scores and the empirical Fisher would rank nothing."""
+    if task.kind != "distill":
+        return
+    if crit.uses_gradient and not crit.uses_curvature:
+        raise SettingError(
+            f"criterion {name!r} scores the loss gradient, which is zero at the dense "
+            "model under --loss distill (the student is the teacher); use obd, qm, obs or "
+            "magnitude"
+        )
+    if labels == "empirical":
+        raise SettingError(
+            "Fisher labels 'empirical' under --loss distill are gradients of a loss that is "
+            "zero at the dense model (every score 0); use --fisher-labels sampled or exact"
+        )
+
+
+def _check_label_source(labels: str, task: Task, data: DataBundle, samples: int) -> None:
+    """The Fisher labels must exist for this task and data (one-line errors otherwise)."""
+    if labels == "exact" and not task.categorical:
+        raise SettingError(
+            f"Fisher labels 'exact' need a categorical output (a classifier or --loss distill "
+            f"with kl), not a {task.kind!r} task; use --fisher-labels sampled or empirical"
+        )
+    batch = data.first_train(1, 1)[0]
+    if labels == "sampled":
+        if not task.can_sample:
+            raise SettingError(
+                "Fisher labels 'sampled' need a task with sample(outputs, generator); "
+                "use --fisher-labels empirical"
+            )
+        _check_label_slot(task, batch)
+    if labels == "empirical":
+        try:
+            task.targets(batch)
+        except (KeyError, IndexError, TypeError) as exc:
+            raise DataError(
+                f"Fisher labels 'empirical' need labels, and data {data.name!r} has inputs only "
+                "(use --fisher-labels sampled with a task that has sample(), or --loss distill)"
+            ) from exc
+    check_labels(labels, task, samples)
+
+
+def _check_label_slot(task: Task, batch) -> None:
+    """Sampled labels reach the loss through ``task.with_targets``: for dict batches the
+    default writes ``batch[task.label_key]``, which the batch must already hold."""
+    if not isinstance(batch, dict):
+        return
+    if isinstance(task, UserTask):
+        custom = callable(getattr(task.obj, "with_targets", None))
+    else:
+        custom = type(task).with_targets is not Task.with_targets
+    key = task.label_key
+    if not custom and key not in batch:
+        raise SettingError(
+            f"sampled Fisher labels are written to batch[{key!r}], which the dict batches "
+            f"(keys {sorted(batch)}) lack; give the task a label_key naming its label entry "
+            "or a with_targets(batch, targets) method"
+        )

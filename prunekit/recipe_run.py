@@ -1,0 +1,287 @@
+"""Recipes at work: check, explain and run a resolved recipe (the schema is prunekit.recipe).
+
+``load_checked_recipe`` validates a YAML file against the schema with the registries'
+names; ``validate_recipe`` checks its settings and resolves its targets on the meta device
+(no weights, no data, no training); ``explain_recipe`` gives the step timeline without
+compute; ``run_recipe`` trains or loads the model, runs the loop with a checkpoint per
+step (resumable), writes the run directory, exports and evaluates the recipe's checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# Module references, not their functions: validation must provably never load weights or
+# data, and the tests prove it by replacing checkpoint.load_model / data.load_data.
+from prunekit import checkpoint as checkpoints
+from prunekit import data as data_specs
+from prunekit.analysis import log_spaced_iterations
+from prunekit.api import export_model, train_example
+from prunekit.criteria import CRITERIA
+from prunekit.criteria.curvature import ESTIMATORS
+from prunekit.criteria.fisher import LABELS
+from prunekit.errors import SettingError, choice_error
+from prunekit.finetune import OPTIMIZERS
+from prunekit.loop import run_pruning
+from prunekit.models import EXAMPLES
+from prunekit.prune.masks import SCOPES
+from prunekit.prune.schedules import SCHEDULES, schedule
+from prunekit.prune.state import load_step_state, write_json
+from prunekit.prune.targets import find_targets
+from prunekit.recipe import evaluate_checks, load_recipe, recipe_hash
+from prunekit.report import write_run
+from prunekit.settings import Progress, PruneSettings, make_run_criterion
+from prunekit.tasks import DISTILL_METRICS, LOSSES, load_task
+
+
+def recipe_choices() -> dict:
+    """Registry name -> valid names, for recipe validation (the CLI's choices too)."""
+    from prunekit.export import QUANTIZE_MODES, STORAGE_MODES  # onnx: only when validating
+
+    return {
+        "loss": LOSSES,
+        "distill_metric": DISTILL_METRICS,
+        "criterion": CRITERIA,
+        "fisher": ESTIMATORS,
+        "labels": LABELS,
+        "scope": SCOPES,
+        "schedule": SCHEDULES,
+        "optimizer": OPTIMIZERS,
+        "storage": STORAGE_MODES,
+        "quantize": QUANTIZE_MODES,
+    }
+
+
+def load_checked_recipe(path, overrides=()) -> dict:
+    """Load a recipe (schema, types, ranges and registry names, with line numbers)."""
+    return load_recipe(path, list(overrides), choices=recipe_choices())
+
+
+def settings_from_recipe(recipe: dict) -> PruneSettings:
+    """PruneSettings of a resolved recipe (see prunekit.recipe.SCHEMA)."""
+    crit, sched, ft, an = (recipe[k] for k in ("criterion", "schedule", "finetune", "analysis"))
+    return PruneSettings(
+        criterion=crit["name"],
+        sparsity=sched["final"],
+        steps=sched["steps"],
+        schedule=sched["kind"],
+        fisher=crit["fisher"],
+        labels=crit["labels"],
+        samples=crit["samples"],
+        lam=float(crit["lambda"]),
+        scope=crit["scope"],
+        score_examples=crit["score_examples"],
+        score_batch_size=crit["score_batch_size"],
+        finetune_epochs=float(ft["epochs_per_step"]),
+        final_epochs=float(ft["final_epochs"]),
+        batch_size=ft["batch_size"],
+        optimizer=ft["optimizer"],
+        lr=float(ft["lr"]),
+        momentum=float(ft["momentum"]),
+        weight_decay=float(ft["weight_decay"]),
+        include=tuple(recipe["targets"]["include"]),
+        exclude=tuple(recipe["targets"]["exclude"]),
+        embeddings=recipe["targets"]["embeddings"],
+        seed=recipe["seed"],
+        refit_basis_every=crit["refit_basis_every"],
+        masked_scaling=crit["masked_scaling"],
+        compensate=crit["compensate"],
+        recalibrate_bn=recipe["finetune"]["recalibrate_bn"],
+        ntk=an["ntk"],
+        ntk_every=an["ntk_every"],
+        loss=recipe["task"]["loss"],
+        distill_metric=recipe["task"]["distill_metric"],
+        temperature=float(recipe["task"]["temperature"]),
+        task_spec=recipe["task"]["spec"],
+    )
+
+
+def recipe_model(recipe: dict, progress: Progress | None = None, train: bool = True):
+    """(model, arch spec) of a recipe: a trained zoo example or a loaded checkpoint.
+
+    train=False builds the example's architecture untrained (for resume and validation).
+    """
+    spec = recipe["model"]
+    if spec["example"]:
+        if spec["example"] not in EXAMPLES:
+            raise choice_error("model.example", spec["example"], EXAMPLES)
+        if not train:
+            arch = EXAMPLES[spec["example"]].arch
+            return checkpoints.build_model(arch), arch
+        model, arch, _, _ = train_example(spec["example"], seed=recipe["seed"], progress=progress)
+        return model, arch
+    loaded = checkpoints.load_model(spec["checkpoint"], arch=spec["arch"])
+    return loaded.model, loaded.arch
+
+
+def run_recipe(recipe: dict, out, resume: bool = False, progress: Progress | None = None):
+    """Run a resolved recipe into run directory ``out``; returns (report, checks rows).
+
+    Every finished step is checkpointed under out/state; with ``resume`` the run
+    continues from there (a changed recipe is refused). Export and checks come last.
+    """
+    out = Path(out)
+    validate_recipe(recipe)  # every setting before any training or data loading
+    settings = settings_from_recipe(recipe)
+    data = data_specs.load_data(recipe["data"], seed=recipe["seed"])
+    has_state = resume and load_step_state(out) is not None
+    model, arch = recipe_model(recipe, progress, train=not has_state)
+    info = {"recipe_hash": recipe_hash(recipe), "recipe": recipe}
+    result = run_pruning(
+        model, data, settings, progress=progress, state_dir=out, resume=resume, state_info=info
+    )
+    write_run(out, result, arch, recipe["data"])
+    receipt = None
+    if recipe["export"]["enabled"]:
+        receipt = export_model(
+            result.model,
+            out / "model.onnx",
+            data,
+            masks=result.masks,
+            storage=recipe["export"]["storage"],
+            quantize=recipe["export"]["quantize"],
+            overwrite=True,
+        )
+    checks = evaluate_checks(recipe["checks"], result.report, receipt)
+    result.report["checks"] = checks
+    result.report["recipe"] = {"name": recipe["name"], "hash": info["recipe_hash"]}
+    write_json(out / "report.json", result.report)
+    return result.report, checks
+
+
+def _meta_model(recipe: dict) -> nn.Module | None:
+    """The recipe's architecture built on the meta device (no weights, no compute)."""
+    spec = recipe["model"]
+    arch = spec["arch"]
+    if spec["example"]:
+        if spec["example"] not in EXAMPLES:
+            raise choice_error("model.example", spec["example"], EXAMPLES)
+        arch = EXAMPLES[spec["example"]].arch
+    elif not Path(spec["checkpoint"]).is_file():
+        raise SettingError(f"model.checkpoint {spec['checkpoint']!r} does not exist")
+    elif arch is None and spec["checkpoint"].endswith(".safetensors"):
+        with safe_open(spec["checkpoint"], framework="pt") as f:
+            arch = (f.metadata() or {}).get(checkpoints.ARCH_KEY)
+    if arch is None:
+        return None  # TorchScript or pickle: targets are known only once loaded
+    with torch.device("meta"):
+        return checkpoints.build_model(arch)
+
+
+def validate_recipe(recipe: dict) -> dict:
+    """Check a resolved recipe's settings and resolve its targets on the meta device.
+
+    Returns {'targets': name -> numel (None if the model can't be built without loading),
+    'steps': schedule values}. Raises PrunekitError subclasses naming the bad value.
+    """
+    settings = settings_from_recipe(recipe)
+    make_run_criterion(settings)
+    sparsities = schedule(settings.sparsity, settings.steps, settings.schedule)
+    if settings.scope not in SCOPES:
+        raise choice_error("scope", settings.scope, SCOPES)
+    settings.finetune_settings(settings.finetune_epochs)
+    settings.finetune_settings(settings.final_epochs)
+    log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
+    if recipe["export"]["enabled"]:
+        from prunekit.export import check_modes  # onnx: only for a recipe that exports
+
+        check_modes(recipe["export"]["storage"], recipe["export"]["quantize"])
+    _check_recipe_task(recipe)
+    model = _meta_model(recipe)
+    targets = None
+    if model is not None:
+        found = find_targets(model, settings.include, settings.exclude, settings.embeddings)
+        targets = {n: t.numel for n, t in found.items()}
+    return {"targets": targets, "steps": sparsities}
+
+
+def _check_recipe_task(recipe: dict) -> None:
+    """The task section and the gates it makes measurable, in the recipe's own keys."""
+    task, checks = recipe["task"], recipe["checks"]
+    distill = task["loss"] == "distill"
+    if not distill and (task["distill_metric"] != "auto" or task["temperature"] != 1.0):
+        raise SettingError(
+            "task.distill_metric and task.temperature only apply with task.loss: distill, "
+            f"not {task['loss']!r}"
+        )
+    if task["spec"] is not None:
+        load_task(task["spec"])  # imports now: a typo fails here, not after training
+        if task["loss"] not in ("auto", "distill"):
+            raise SettingError(
+                f"task.loss {task['loss']!r} would replace the loss of task.spec; use auto "
+                "(the spec's loss) or distill"
+            )
+    if checks["min_cosine"] is not None and not distill:
+        raise SettingError("checks.min_cosine is measured only with task.loss: distill")
+    if checks["max_accuracy_drop"] is not None and distill and task["distill_metric"] in (
+        "mse", "cosine",
+    ):  # fmt: skip
+        raise SettingError(
+            f"checks.max_accuracy_drop needs accuracy, which distillation with "
+            f"{task['distill_metric']!r} does not measure; use checks.min_cosine"
+        )
+
+
+def _label_terms(crit, classes: int) -> int:
+    labels = crit.labels
+    if labels == "exact":
+        return classes
+    return crit.samples if labels == "sampled" else 1
+
+
+def explain_recipe(recipe: dict) -> dict:
+    """The step timeline of a recipe without any training or scoring.
+
+    Returns {'rows': [...], 'totals': {...}, 'notes': [...]}; each row has step, sparsity
+    (global, over targets), kept weights, per-layer sparsity for layer scope, fine-tuning
+    epochs, and estimated example-passes (forward / backward) for scoring and fine-tuning.
+    """
+    checked = validate_recipe(recipe)
+    settings = settings_from_recipe(recipe)
+    crit = make_run_criterion(settings)
+    data = data_specs.load_data(recipe["data"], seed=recipe["seed"])
+    n_train, n_score = data.n_train, min(settings.score_examples, data.n_train)
+    total = sum(checked["targets"].values()) if checked["targets"] else None
+    terms = _label_terms(crit, max(data.num_classes, 1)) if crit.uses_curvature else 0
+    rows = []
+    for k, s in enumerate(checked["steps"], start=1):
+        passes = 2 if crit.uses_curvature and crit.fisher == "ekfac" and k == 1 else 1
+        score_fwd = n_score * (int(crit.uses_gradient) + passes * int(crit.uses_curvature))
+        score_bwd = n_score * (int(crit.uses_gradient) + passes * terms)
+        ft = settings.finetune_epochs * n_train
+        rows.append(
+            {
+                "step": k,
+                "sparsity": s,
+                "kept": None if total is None else total - round(s * total),
+                "per_layer": s if settings.scope == "layer" else None,
+                "finetune_epochs": settings.finetune_epochs,
+                "score_forward": score_fwd,
+                "score_backward": score_bwd,
+                "finetune_forward": ft,
+                "finetune_backward": ft,
+            }
+        )
+    final_ft = settings.final_epochs * n_train
+    totals = {
+        key: sum(r[key] for r in rows)
+        for key in ("score_forward", "score_backward", "finetune_forward", "finetune_backward")
+    }
+    totals["finetune_forward"] += final_ft
+    totals["finetune_backward"] += final_ft
+    notes = [
+        f"{n_train} training examples, {n_score} scored; final fine-tune "
+        f"{settings.final_epochs:g} epochs; passes counted per example"
+    ]
+    if settings.scope == "global":
+        notes.append("global scope: per-layer sparsity depends on the scores (known after run)")
+    if settings.loss == "distill":
+        notes.append(
+            f"distillation: one forward pass of the dense model over all "
+            f"{data.n_train + data.n_val} examples first (targets, cached in the run)"
+        )
+    return {"rows": rows, "totals": totals, "notes": notes, "targets": checked["targets"]}

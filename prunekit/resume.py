@@ -1,0 +1,116 @@
+"""Resume: checkpoint a run after every finished step, and continue from the latest one.
+
+A step's state is everything the next step reads: weights, masks, both random generators,
+the kept EKFAC eigenbasis, the metrics rows and NTK records so far. Restored, the run ends
+bit-identical (CPU) to an uninterrupted one. The files live under ``prune.state.STATE_DIR``
+of the run directory, beside the cached teacher outputs of a distillation run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from prunekit.criteria.ekfac import EKFACBasis
+from prunekit.criteria.kfac import Layer
+from prunekit.distill import TEACHER_FILE
+from prunekit.errors import SettingError
+from prunekit.prune.state import STATE_DIR, load_step_state, save_step_state
+
+if TYPE_CHECKING:
+    from prunekit.loop import _Run
+
+
+def resume_plan(state_dir, resume: bool) -> tuple[Path | None, bool]:
+    """(teacher cache file or None, whether a checkpoint will be resumed) for a run that
+    checkpoints into ``state_dir`` (None: no checkpoints, no cache)."""
+    if state_dir is None:
+        return None, False
+    cache = Path(state_dir) / STATE_DIR / TEACHER_FILE
+    return cache, resume and load_step_state(state_dir) is not None
+
+
+def _cache_tensors(cache: dict) -> tuple[dict, dict]:
+    """EKFAC cache (kept eigenbasis) as flat tensors plus JSON-able metadata."""
+    basis = cache.get("ekfac_basis")
+    meta: dict = {"ekfac_step": cache.get("ekfac_step")}
+    tensors: dict = {}
+    if basis is None:
+        return tensors, meta
+    meta["layers"] = {n: dataclasses.asdict(layer) for n, layer in basis.layers.items()}
+    for f in dataclasses.fields(basis):
+        if f.name != "layers":
+            for name, t in getattr(basis, f.name).items():
+                tensors[f"cache/{f.name}/{name}"] = t
+    return tensors, meta
+
+
+def _restore_cache(tensors: dict, meta: dict) -> dict:
+    if "layers" not in meta:
+        return {}
+    fields = {f.name: {} for f in dataclasses.fields(EKFACBasis) if f.name != "layers"}
+    for key, t in tensors.items():
+        if key.startswith("cache/"):
+            _, fname, name = key.split("/", 2)
+            fields[fname][name] = t
+    layers = {n: Layer(**{**d, "shape": tuple(d["shape"])}) for n, d in meta["layers"].items()}
+    return {"ekfac_basis": EKFACBasis(layers=layers, **fields), "ekfac_step": meta["ekfac_step"]}
+
+
+def save_state(run: _Run, state_dir, step: int, state_info: dict | None) -> None:
+    """Checkpoint everything needed to continue bit-identically after ``step``."""
+    cache_tensors, cache_meta = _cache_tensors(run.cache)
+    tensors = {f"model/{k}": v for k, v in run.model.state_dict().items()}
+    tensors.update({f"mask/{k}": m.to(torch.uint8) for k, m in run.masks.items()})
+    tensors["rng/generator"] = run.gen.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    tensors.update(cache_tensors)
+    info = {
+        **(state_info or {}),
+        "rows": run.rows,
+        "dense": run.dense,
+        "pruned": run.pruned,
+        "estimators": run.estimators,
+        "cache": cache_meta,
+        "ntk": run.ntk.records if run.ntk is not None else [],
+    }
+    save_step_state(state_dir, step, tensors, info)
+
+
+def restore_state(run: _Run, state_dir, state_info: dict | None) -> int:
+    """Load the latest checkpoint into ``run``; returns its step (0 when there is none).
+
+    Refuses (SettingError naming the keys) a checkpoint made with another recipe.
+    """
+    loaded = load_step_state(state_dir) if state_dir is not None else None
+    if loaded is None:
+        return 0
+    tensors, info = loaded
+    _check_same_recipe(info, state_info or {})
+    run.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    device = next(run.model.parameters()).device
+    run.masks = {n: tensors[f"mask/{n}"].bool().to(device) for n in run.masks}
+    run.gen.set_state(tensors["rng/generator"])
+    torch.set_rng_state(tensors["rng/torch"])
+    run.cache = _restore_cache(tensors, info["cache"])
+    run.rows, run.dense, run.pruned = info["rows"], info["dense"], info["pruned"]
+    run.estimators = info["estimators"]
+    if run.ntk is not None:
+        run.ntk.records = info["ntk"]
+    return int(info["step"])
+
+
+def _check_same_recipe(info: dict, state_info: dict) -> None:
+    if info.get("recipe_hash") == state_info.get("recipe_hash"):
+        return
+    # Imported here: the recipe schema (and yaml) is needed only to explain a refusal.
+    from prunekit.recipe import changed_keys
+
+    changed = changed_keys(info.get("recipe") or {}, state_info.get("recipe") or {})
+    raise SettingError(
+        f"cannot resume: the recipe changed since the checkpoint (keys {changed or ['?']}); "
+        "restore it or start a new run without --resume"
+    )

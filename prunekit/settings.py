@@ -1,0 +1,149 @@
+"""What a pruning run is asked to do and what it returns: PruneSettings, PruneResult.
+
+Also the two objects settings name directly: the torch device and the criterion (found by
+name in the criteria registry, with the run's overrides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.criteria import CRITERIA, make_criterion
+from prunekit.errors import SettingError, choice_error
+from prunekit.finetune import FinetuneSettings
+from prunekit.types import Masks, Task
+
+# progress(label, done, total): the CLI draws bars from these calls; None = silent.
+Progress = Callable[[str, int, int], None]
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """Everything one pruning run needs besides the model and data.
+
+    sparsity: final fraction of target weights pruned, in [0, 1); steps: pruning steps on
+    the ``schedule`` ('exp', 'linear', 'cubic'); fisher/labels: curvature estimator and
+    Fisher labels (None = the criterion's default); samples: labels drawn per example for
+    'sampled'; lam: locality penalty; scope: 'global' or 'layer'; score_examples: training
+    examples used to score (first N, fixed); score_batch_size: examples per scoring batch
+    (memory: curvature passes hold every target layer's inputs and outputs for a batch);
+    finetune_epochs: fine-tuning after each step (0 = the paper's mode: all steps first);
+    final_epochs: the last fine-tune; batch_size, optimizer, lr, momentum, weight_decay:
+    fine-tuning; include/exclude: target name patterns; seed: every random choice; device:
+    'cpu', 'cuda' or 'auto'; ntk: log the tangent-kernel alignment (None = only when cheap,
+    see ``ntk_is_cheap``); ntk_every: fine-tuning iterations to log at ('xM' log-spaced by
+    factor M, 'N' every N); probe_train/probe_val: examples in the fixed NTK probes;
+    refit_basis_every: EKFAC eigenbasis refit period in steps (0 = keep the first basis,
+    refit only the scaling); compensate: apply the OBS update to surviving weights within
+    each step (kfac/ekfac); masked_scaling: refit EKFAC's scaling from masked per-example
+    gradients (pruned weights contribute nothing; exact, but its cost grows with
+    out*in*(out+in) per example, ~100x the unmasked refit on a 784x300 layer). Off by
+    default: the diagonal entries of surviving weights estimate the same F_qq either way,
+    since the diagonal of a principal submatrix is the diagonal itself; recalibrate_bn: re-
+    estimate BatchNorm running statistics (per time step for BN-LSTM) on training batches
+    right after each pruning step (None = on when the model has BatchNorm); loss: 'auto'
+    (from the data's labels), 'classification', 'regression' or 'distill' (targets = the
+    dense model's outputs); distill_metric: 'auto' (kl for logits over the data's classes, else
+    cosine), 'kl', 'mse' or 'cosine'; temperature: the KL temperature; task_spec:
+    'module:factory' of a user task (its forward runs the model; its loss trains unless loss
+    is 'distill'); embeddings: also prune nn.Embedding weights (diagonal Fisher).
+    """
+
+    criterion: str = "obd"
+    sparsity: float = 0.9
+    steps: int = 10
+    schedule: str = "exp"
+    fisher: str | None = None
+    labels: str | None = None
+    samples: int = 1
+    lam: float = 0.0
+    scope: str = "global"
+    score_examples: int = 1000
+    score_batch_size: int = 250
+    finetune_epochs: float = 1.0
+    final_epochs: float = 2.0
+    batch_size: int = 100
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+    device: str = "cpu"
+    refit_basis_every: int = 0
+    masked_scaling: bool = False
+    compensate: bool = False
+    recalibrate_bn: bool | None = None
+    ntk: bool | None = None
+    ntk_every: str = "none"
+    probe_train: int = 100
+    probe_val: int = 100
+    loss: str = "auto"
+    distill_metric: str = "auto"
+    temperature: float = 1.0
+    task_spec: str | None = None
+    embeddings: bool = False
+
+    def finetune_settings(self, epochs: float) -> FinetuneSettings:
+        """The fine-tuning phase settings for ``epochs`` epochs."""
+        return FinetuneSettings(
+            epochs=epochs,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (in place), its masks (True = keep) and the report dict.
+
+    teacher: the dense model's outputs {'train', 'val'} when distilling (else None).
+    """
+
+    model: nn.Module
+    masks: Masks
+    report: dict
+    metrics: list[dict] = field(default_factory=list)
+    ntk: list[dict] = field(default_factory=list)
+    probe: dict | None = None
+    teacher: dict | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda' or 'auto' (cuda when available) as a torch.device."""
+    if device not in DEVICES:
+        raise choice_error("device", device, DEVICES)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SettingError("device 'cuda' asked for but no CUDA GPU is available; use cpu")
+    return torch.device(device)
+
+
+def make_run_criterion(settings: PruneSettings):
+    """The criterion object for ``settings`` (criterion defaults where fisher/labels are None)."""
+    if settings.criterion not in CRITERIA:
+        raise choice_error("criterion", settings.criterion, CRITERIA)
+    overrides = {
+        "lam": settings.lam,
+        "samples": settings.samples,
+        "refit_basis_every": settings.refit_basis_every,
+    }
+    if settings.fisher is not None:
+        overrides["fisher"] = settings.fisher
+    if settings.labels is not None:
+        overrides["labels"] = settings.labels
+    return make_criterion(settings.criterion, **overrides)
+
+
+def resolved_labels(crit, task: Task) -> str:
+    """The Fisher labels a criterion will use on ``task`` (its own, or its estimator's default)."""
+    return crit.labels_for(task)
