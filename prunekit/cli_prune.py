@@ -217,7 +217,7 @@ def prune(
     The first options are the ones that matter most; the panels below group the rest.
     """
     options = dict(locals())  # first: exactly the command's options
-    from prunekit.pipeline import PruneSettings
+    from prunekit.settings import PruneSettings
 
     check_bounds(options, {k: "--" + k.replace("_", "-") for k in options})
     check_bounds({"samples": fisher_samples}, {"samples": "--fisher-samples"})
@@ -241,8 +241,10 @@ def _settings_options(options: dict) -> dict:
 
 def _prune_into(loaded, model: Path, out: Path, settings, options: dict) -> None:
     """Check every output, run the pruning, then write the run, plots, summary and export."""
-    from prunekit.pipeline import resolve_data, run_pruning, write_run
+    from prunekit.api import resolve_data
+    from prunekit.loop import run_pruning
     from prunekit.prune.state import check_run_dir
+    from prunekit.report import write_run
 
     export, overwrite = options["export"], options["overwrite"]
     check_run_dir(out, overwrite, inputs=(model,), extra_files=export_files(export))
@@ -261,7 +263,7 @@ def _prune_into(loaded, model: Path, out: Path, settings, options: dict) -> None
     plots(out)
     print_summary(result.report, out)
     if export is not None:
-        from prunekit.pipeline import export_model
+        from prunekit.api import export_model
 
         receipt = export_model(
             result.model,

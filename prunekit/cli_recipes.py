@@ -21,15 +21,14 @@ from prunekit.console import (
     print_summary,
     print_timeline,
 )
-from prunekit.recipe import check_recipe_trust
-from prunekit.trust import trusting_code
+from prunekit.trust import check_recipe_trust, trusting_code
 
 SET_HELP = "Override a recipe key: section.key=value (repeatable, type-checked; trusted as typed)."
 
 
 def _checked(recipe: Path, overrides: list[str], trust_code: bool) -> dict:
     """The validated recipe, refused before any import when it names untrusted code."""
-    from prunekit.pipeline import load_checked_recipe
+    from prunekit.recipe_run import load_checked_recipe
 
     spec = load_checked_recipe(recipe, overrides)
     with trusting_code(trust_code):
@@ -57,8 +56,8 @@ def run(
     trust_code: bool = typer.Option(False, help=TRUST_CODE_HELP),
 ) -> None:
     """Run a compression recipe; exit 0 when every check passes, 1 when one fails."""
-    from prunekit.pipeline import run_recipe
     from prunekit.prune.state import check_run_dir, load_step_state
+    from prunekit.recipe_run import run_recipe
 
     spec = _checked(recipe, set_, trust_code)
     out = out or Path("runs") / recipe.stem
@@ -84,7 +83,7 @@ def validate(
     trust_code: bool = typer.Option(False, help=TRUST_CODE_HELP),
 ) -> None:
     """Check recipes against the schema and resolve their targets (no data, no compute)."""
-    from prunekit.pipeline import validate_recipe
+    from prunekit.recipe_run import validate_recipe
 
     for path in recipes:
         spec = _checked(path, [], trust_code)
@@ -106,7 +105,7 @@ def explain(
     trust_code: bool = typer.Option(False, help=TRUST_CODE_HELP),
 ) -> None:
     """Print a recipe's step timeline and estimated passes, without training or scoring."""
-    from prunekit.pipeline import explain_recipe
+    from prunekit.recipe_run import explain_recipe
 
     spec = _checked(recipe, set_, trust_code)
     with trusting_code(trust_code):

@@ -35,9 +35,9 @@ def example(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Train a zoo model on bundled data and write a checkpoint `prunekit prune` reads."""
+    from prunekit.api import train_example
     from prunekit.checkpoint import ARCH_KEY
     from prunekit.models import EXAMPLES
-    from prunekit.pipeline import train_example
     from prunekit.prune.state import save_tensors
 
     if name not in EXAMPLES:
@@ -95,9 +95,9 @@ def export_cmd(
     trust_code: bool = typer.Option(False, help=TRUST_CODE_HELP),
 ) -> None:
     """Export a pruned model to ONNX, verify parity in onnxruntime, and print the receipt."""
+    from prunekit.api import export_model, resolve_data
     from prunekit.data import check_data_fits
     from prunekit.export import check_modes
-    from prunekit.pipeline import export_model, resolve_data
 
     check_modes(storage, quantize)
     with trusting_code(trust_code):

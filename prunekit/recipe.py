@@ -18,7 +18,6 @@ import yaml
 
 from prunekit.errors import PrunekitError
 from prunekit.limits import MAX_EPOCHS, MAX_EXAMPLES, MAX_SAMPLES, MAX_SEED, MAX_STEPS
-from prunekit.trust import check_file_spec
 
 #: A recipe is a page of settings: refuse anything that could expand before it is parsed.
 MAX_RECIPE_BYTES = 256 * 1024
@@ -343,42 +342,6 @@ def _check_yaml_size(text: str) -> None:
             aliases += 1
             if aliases > MAX_YAML_ALIASES:
                 raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name)")
-
-
-def check_recipe_trust(recipe: dict, overrides=(), source: str = "recipe") -> None:
-    """Refuse code that a recipe file names (model.arch, data, task.spec, or the arch in its
-    checkpoint's metadata) unless it is prunekit's own or code from files is allowed.
-
-    Values set with ``--set`` were typed by the user and are trusted as typed. Reads only
-    the checkpoint's safetensors header; imports nothing.
-    """
-    typed = {item.partition("=")[0].strip() for item in overrides}
-    specs = [
-        ("data", recipe["data"], "data"),
-        ("arch", recipe["model"]["arch"], "model.arch"),
-        ("task", recipe["task"]["spec"], "task.spec"),
-    ]
-    for kind, spec, key in specs:
-        if spec and key not in typed:
-            check_file_spec(kind, spec, f"{source} ({key})")
-    checkpoint = recipe["model"]["checkpoint"]
-    if checkpoint and not recipe["model"]["arch"]:
-        arch = _metadata_arch(Path(checkpoint))
-        if arch:
-            check_file_spec("arch", arch, f"the metadata of {checkpoint!r} ({source})")
-
-
-def _metadata_arch(path: Path) -> str | None:
-    """The arch spec in a safetensors file's header, or None (other formats, unreadable)."""
-    from safetensors import SafetensorError, safe_open
-
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("prunekit.arch")
-    except (SafetensorError, OSError, ValueError):
-        return None  # the loader reports the unreadable file in its own words
 
 
 def _apply_override(tree: dict, item: str) -> None:

@@ -18,7 +18,14 @@ from prunekit.checkpoint import ARCH_KEY, load_model
 from prunekit.errors import CheckpointError
 from prunekit.models import mlp
 from prunekit.prune.state import save_tensors
-from prunekit.trust import TrustError, is_builtin_arch, is_builtin_data, trusting_code
+from prunekit.recipe_run import load_checked_recipe
+from prunekit.trust import (
+    TrustError,
+    check_recipe_trust,
+    is_builtin_arch,
+    is_builtin_data,
+    trusting_code,
+)
 
 ARCH = "prunekit.models:mlp?sizes=64,16,10&act=tanh"
 BENIGN = '''
@@ -200,8 +207,6 @@ def test_set_override_is_typed_so_trusted(tmp_path, cli, benign):
 def test_shipped_recipes_need_no_flag(cli):
     recipes = sorted(Path(__file__).resolve().parents[1].glob("recipes/*.yaml"))
     assert len(recipes) >= 5
-    from prunekit.pipeline import load_checked_recipe
-    from prunekit.recipe import check_recipe_trust
 
     for path in recipes:
         check_recipe_trust(load_checked_recipe(path), source=str(path))  # raises if refused
