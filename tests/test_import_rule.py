@@ -1,8 +1,12 @@
-"""The import rule of design.md section 2, checked with ``ast``.
+"""The import rule of design.md section 2 (and ARCHITECTURE.md), checked with ``ast``.
 
 Rooms (prune, criteria, finetune, analysis, models, export) import from prunekit only
-prunekit.types, prunekit.errors, prunekit.prune.masks and their own room; in prunekit/,
-only pipeline.py and cli.py import from two different rooms.
+prunekit.types, prunekit.errors, prunekit.prune.masks and their own room: never another
+room, never a module of prunekit/. In prunekit/, the base modules (the shared vocabulary,
+checkpoints, data specs, the recipe schema, tasks, trust, limits, the console) use at most
+one room; every other module is the wiring layer, which joins rooms: one concern per module
+(settings, loop, resume, report, api, recipe_run, ...), their top-level imports free of
+cycles, never importing the CLI above them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = ("prune", "criteria", "finetune", "analysis", "models", "export")
 SHARED = ("prunekit.types", "prunekit.errors", "prunekit.prune.masks")
-WIRING = ("pipeline.py", "cli.py")
+# prunekit/ modules that are not wiring: at most one room each (types and errors: none, as
+# every room imports them). Every other module in prunekit/ is wiring or CLI.
+BASE = {
+    "types.py": 0,
+    "errors.py": 0,
+    "checkpoint.py": 1,
+    "data.py": 1,
+    "recipe.py": 1,
+    "tasks.py": 1,
+    "trust.py": 1,
+    "limits.py": 1,
+    "console.py": 1,
+}
+PRUNEKIT = sorted((ROOT / "prunekit").glob("*.py"))
 
 
 def imported_modules(source: str, package: str) -> set[str]:
@@ -91,12 +108,106 @@ def test_rooms_import_only_shared_modules_and_their_own_room(room, path, package
     assert room_violations(names, room) == []
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "prunekit").glob("*.py")), ids=lambda p: p.name)
-def test_only_pipeline_and_cli_wire_rooms_together(path):
+def is_cli(name: str) -> bool:
+    """The CLI and what only it uses (printing): above the wiring layer."""
+    return name.startswith("cli") or name in ("console.py", "__main__.py")
+
+
+@pytest.mark.parametrize("path", PRUNEKIT, ids=lambda p: p.name)
+def test_base_modules_use_at_most_one_room_and_the_rest_is_wiring(path):
     names = imported_modules(path.read_text(), "prunekit")
-    if path.name in WIRING:
+    if path.name in BASE:
+        assert len(rooms_used(names)) <= BASE[path.name], sorted(rooms_used(names))
+
+
+def test_the_wiring_layer_joins_rooms():
+    """The split kept the joins in the wiring modules (a test that could notice them gone)."""
+    joined = {
+        p.name for p in PRUNEKIT if len(rooms_used(imported_modules(p.read_text(), "prunekit"))) > 1
+    }
+    assert {"loop.py", "api.py", "recipe_run.py", "preflight.py", "ntklog.py"} <= joined
+    assert not joined & set(BASE)
+
+
+@pytest.mark.parametrize("path", PRUNEKIT, ids=lambda p: p.name)
+def test_library_modules_never_import_the_cli(path):
+    if is_cli(path.name):
         return
-    assert len(rooms_used(names)) <= 1, sorted(rooms_used(names))
+    names = imported_modules(path.read_text(), "prunekit")
+    cli = sorted(n for n in names if n.startswith(("prunekit.cli", "prunekit.console")))
+    assert cli == []
+
+
+def top_level_prunekit_imports(path: Path) -> set[str]:
+    """Modules of prunekit/ that ``path`` imports when it is imported (module body only:
+    imports inside functions and ``if TYPE_CHECKING:`` run later or never)."""
+    tree = ast.parse(path.read_text())
+    body = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = imported_modules(ast.unparse(ast.Module(body=body, type_ignores=[])), "prunekit")
+    local = {f"prunekit.{p.stem}" for p in PRUNEKIT if p.name != "__init__.py"}
+    return names & local
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (module -> modules it imports) as a path, or []."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node], path = 1, path + [node]
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, path)):
+                return cycle
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [])):
+            return cycle
+    return []
+
+
+def test_prunekit_modules_import_each_other_without_cycles():
+    graph = {f"prunekit.{p.stem}": top_level_prunekit_imports(p) for p in PRUNEKIT}
+    assert graph["prunekit.loop"] >= {"prunekit.settings", "prunekit.resume", "prunekit.report"}
+    assert find_cycle(graph) == []
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_pipeline_only_re_exports_the_modules_that_own_its_names():
+    """prunekit.pipeline (the module before the split) defines nothing: imports and __all__."""
+    import prunekit.pipeline as pipeline
+
+    tree = ast.parse((ROOT / "prunekit" / "pipeline.py").read_text())
+    kinds = {type(n).__name__ for n in tree.body[1:]}  # after the docstring
+    assert kinds <= {"ImportFrom", "Assign"}
+    assert [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets] == ["__all__"]
+    for name in pipeline.__all__:
+        obj = getattr(pipeline, name)
+        owner = getattr(obj, "__module__", None)
+        if owner and owner.startswith("prunekit."):
+            assert owner != "prunekit.pipeline", name
+
+
+def test_help_loads_neither_export_nor_plotting():
+    """`prunekit --help` stays fast: onnx, onnxruntime and matplotlib load only when used."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import contextlib, io, sys\n"
+        "from prunekit.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "heavy = ('onnx', 'onnxruntime', 'onnxscript', 'matplotlib')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
 
 
 def test_the_checker_catches_violations():
