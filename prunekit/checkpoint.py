@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,21 +110,39 @@ def _read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
     return tensors, metadata
 
 
+_PICKLED_OBJECTS = ("safe_globals", "Unsupported global", "unsupported GLOBAL", "is blocked")
+
+
+def _refuse_pickle(path: Path, exc: Exception) -> CheckpointError:
+    """Why a weights-only load failed, as one line: corrupt, or objects that could run code."""
+    text = str(exc)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if any(marker in text for marker in _PICKLED_OBJECTS):
+        what = f" (it names {named.group(1)})" if named else ""
+        return CheckpointError(
+            f"{str(path)!r} holds pickled Python objects{what}, which can run code when loaded; "
+            "pass --trust-pickle only if you trust its source, or save a state_dict and give --arch"
+        )
+    if "Unsupported operand" in text:
+        return CheckpointError(
+            f"{str(path)!r} is a plain Python pickle, not a PyTorch checkpoint; loading it can run "
+            "code: pass --trust-pickle only if you trust its source"
+        )
+    return CheckpointError(
+        f"cannot read {str(path)!r}: not a PyTorch checkpoint, or corrupt "
+        "(unpickling failed); expected .pt/.pth, .safetensors or TorchScript"
+    )
+
+
 def _read_pickle(path: Path, trust_pickle: bool):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "safe_globals" not in str(exc) and "Unsupported global" not in str(exc):
-            raise CheckpointError(
-                f"cannot read {str(path)!r}: not a PyTorch checkpoint, or corrupt "
-                "(unpickling failed); expected .pt/.pth, .safetensors or TorchScript"
-            ) from exc
-        if not trust_pickle:
-            raise CheckpointError(
-                f"{str(path)!r} holds pickled Python objects (a full module?), which can run "
-                "code when loaded; pass --trust-pickle if you trust its source, or save a "
-                "state_dict and give --arch"
-            ) from exc
+        refusal = _refuse_pickle(path, exc)
+        if not trust_pickle or "--trust-pickle" not in str(refusal):
+            raise refusal from exc
     except Exception as exc:  # torch.load raises RuntimeError/EOFError/... on corrupt files
         raise CheckpointError(
             f"cannot read {str(path)!r}: file is corrupt ({first_line(exc)})"

@@ -219,7 +219,7 @@ def prune(
     options = dict(locals())  # first: exactly the command's options
     from prunekit.settings import PruneSettings
 
-    check_bounds(options, {k: "--" + k.replace("_", "-") for k in options})
+    check_bounds(options, {k: "--" + k.replace("_", "-") for k in options} | {"lam": "--lambda"})
     check_bounds({"samples": fisher_samples}, {"samples": "--fisher-samples"})
     with trusting_code(trust_code):
         loaded = load(model, arch, trust_pickle)

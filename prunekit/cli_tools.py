@@ -47,6 +47,8 @@ def example(
     check_bounds({"seed": seed}, {"seed": "--seed"})
     if out.suffix != ".safetensors":
         raise RunDirError(f"--out {str(out)!r} must end in .safetensors")
+    if out.is_dir():
+        raise RunDirError(f"--out {str(out)!r} is a folder; give a .safetensors file path")
     if out.exists() and not overwrite:
         raise RunDirError(f"--out {str(out)!r} exists; pass --overwrite or choose another path")
     if not out.parent.is_dir():

@@ -6,6 +6,8 @@ minute. The bounds are far above any useful value (the paper used at most 140 st
 
 from __future__ import annotations
 
+import math
+
 from prunekit.errors import SettingError, int_setting
 
 MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
@@ -46,9 +48,16 @@ def check_bound(name: str, value: object, flag: str | None = None) -> None:
         raise SettingError(f"{what} {value!r} must be <= {shown}")
 
 
+#: settings that must be finite numbers (their ranges are checked where they are used)
+FINITE = ("sparsity", "lr", "lam", "temperature", "momentum", "weight_decay")
+
+
 def check_bounds(values: dict, flags: dict[str, str] | None = None) -> None:
-    """``check_bound`` for every key of ``values`` that has a bound (others are ignored)."""
+    """``check_bound`` for every key of ``values`` that has a bound, and NaN/Inf refused for
+    the ``FINITE`` ones (others are ignored). flags: key -> how the user wrote it."""
     flags = flags or {}
     for name, value in values.items():
         if name in BOUNDS:
             check_bound(name, value, flags.get(name))
+        elif name in FINITE and isinstance(value, float) and not math.isfinite(value):
+            raise SettingError(f"{flags.get(name, name)} {value!r} must be a finite number")
