@@ -393,10 +393,12 @@ def check_step_state(
     any long work so that a bad checkpoint is refused at start.
     """
     latest = Path(run_dir) / STATE_DIR / LATEST
-    if not os.path.lexists(latest):
-        return None
     if latest.parent.is_symlink():  # resume writes there too: never through a link elsewhere
         raise _bad(latest.parent, "is a symbolic link; expected a folder inside the run")
+    if os.path.lexists(latest.parent) and not latest.parent.is_dir():
+        raise _bad(latest.parent, "is not a folder")
+    if not os.path.lexists(latest):
+        return None
     info = read_latest_json(latest)
     check_state_info(latest, info, required, optional)
     check_state_file(state_file(latest, info["tensors"]), info["step"])

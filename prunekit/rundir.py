@@ -176,11 +176,19 @@ def _decide(paths: RunPaths, overwrite: bool, resume: bool, inputs, extra_files,
                 f"--out {paths.given!r}: an interrupted run exists at {str(paths.partial)!r}; "
                 "--resume continues it (or --overwrite discards it)"
             )
-    if resume and os.path.lexists(paths.out / STATE_DIR / LATEST):
-        check_step_state(paths.out)
+    if resume and check_step_state(paths.out) is not None:
         return "published"
     if not overwrite:
-        _refuse_earlier_run(paths, inputs, extra_files, outputs)
+        try:
+            _refuse_earlier_run(paths, inputs, extra_files, outputs)
+        except RunDirError as exc:
+            if not resume:
+                raise
+            raise RunDirError(
+                f"--resume: nothing to resume in --out {paths.given!r} (no "
+                f"{STATE_DIR}/{LATEST} there or in {str(paths.partial)!r}), and it holds an "
+                "earlier run; pass --overwrite to replace it"
+            ) from exc
     return "fresh"
 
 

@@ -249,6 +249,21 @@ def test_resume_with_nothing_to_resume_starts_fresh_and_still_protects_a_run(tmp
             pass
 
 
+def test_resume_of_a_finished_run_without_state_says_there_is_nothing_to_resume(tmp_path):
+    out = tmp_path / "run"
+    write_run(out, "old", step=None)  # a finished run whose state/ was removed
+    before = snapshot(tmp_path)
+    with pytest.raises(RunDirError) as info:
+        with run_directory(out, resume=True):
+            pytest.fail("the block must not run")
+    message = str(info.value)
+    assert "nothing to resume" in message and "state/latest.json" in message
+    assert "--overwrite" in message and snapshot(tmp_path) == before
+    with run_directory(out, resume=True, overwrite=True) as work:  # a fresh run replaces it
+        write_run(work, "new")
+    assert tag_of(out) == "new"
+
+
 def test_resume_of_a_corrupt_partial_is_refused_before_any_work(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError), run_directory(out) as work:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,8 @@ CASES = [
      "like 'step-00003.safetensors'"),
     ("tensors-symlink-escape", escape_by_symlink, latest, "outside"),
     ("state-dir-symlink", link_state_dir, lambda r: r / "state", "symbolic link"),
+    ("state-a-file", lambda r: (shutil.rmtree(r / "state"), (r / "state").write_text("x")),
+     lambda r: r / "state", "is not a folder"),
     ("step-file-missing", lambda r: step_file(r).unlink(), step_file, "is missing"),
     ("step-file-a-folder", lambda r: (step_file(r).unlink(), step_file(r).mkdir()), step_file,
      "not a regular file"),
