@@ -169,10 +169,12 @@ def export_model(
     opset: int | None = None,
     overwrite: bool = False,
     receipt_path=None,
+    published_path=None,
 ) -> dict:
     """Export ``model`` to ONNX at ``path``, verified on the validation split; write export.json.
 
-    The receipt goes to ``receipt_path`` (default: export.json beside the ONNX file).
+    The receipt goes to ``receipt_path`` (default: export.json beside the ONNX file) and
+    names ``published_path`` when the file is written in a work folder published later.
     """
     from prunekit.export import export_onnx as _export_onnx
     from prunekit.export import write_receipt
@@ -192,5 +194,7 @@ def export_model(
         verify_targets=y_val,
         overwrite=overwrite,
     )
+    if published_path is not None:
+        receipt["path"] = str(published_path)
     write_receipt(receipt, Path(receipt_path) if receipt_path else path.with_name("export.json"))
     return receipt

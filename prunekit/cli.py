@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        print_error(interrupted_line())
         code = 130
     except PrunekitError as exc:
         print_error(str(exc))
         code = exc.exit_code
-    finally:
-        ACTIVE.update(bars=None, resume=None)
     code = code if isinstance(code, int) else 0
+    if code == 130:  # typer reports Ctrl-C / SIGTERM as exit code 130, silently
+        print_error(ACTIVE.get("interrupted") or interrupted_line())
+    ACTIVE.update(bars=None, resume=None, interrupted=None)
     if argv is None:
         sys.exit(code)
     return code

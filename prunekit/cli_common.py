@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 #: The run in progress, for the line an interrupt prints: its bars and how to resume it.
-ACTIVE: dict = {"bars": None, "resume": None}
+ACTIVE: dict = {"bars": None, "resume": None, "interrupted": None}
 
 CURVATURE = "Criterion and curvature"
 SCHEDULE = "Schedule"
@@ -137,10 +137,17 @@ def plots(run_dir: Path) -> list[Path]:
 
 @contextmanager
 def tracked_run(bars: BarProgress, resume: str | None):
-    """Remember the running job so an interrupt can say how far it got and how to resume."""
-    ACTIVE.update(bars=bars, resume=resume)
+    """Remember the running job so an interrupt can say how far it got and how to resume.
+
+    typer turns KeyboardInterrupt into exit code 130 before `main` sees it, so the line is
+    composed here, while the job's progress is still known, and printed by `main`.
+    """
+    ACTIVE.update(bars=bars, resume=resume, interrupted=None)
     try:
         yield bars
+    except KeyboardInterrupt:
+        ACTIVE["interrupted"] = interrupted_line()
+        raise
     finally:
         ACTIVE.update(bars=None, resume=None)
 

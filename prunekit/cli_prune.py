@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -240,37 +241,62 @@ def _settings_options(options: dict) -> dict:
 
 
 def _prune_into(loaded, model: Path, out: Path, settings, options: dict) -> None:
-    """Check every output, run the pruning, then write the run, plots, summary and export."""
+    """Check every output, run the pruning, then write the run, plots, summary and export.
+
+    The run is written into a locked work folder and published as ``out`` at once; an
+    ``--export`` file inside ``out`` is written with it, one elsewhere after it.
+    """
     from prunekit.api import resolve_data
     from prunekit.loop import run_pruning
-    from prunekit.prune.state import check_run_dir
-    from prunekit.report import write_run
+    from prunekit.rundir import preflight, run_directory
 
     export, overwrite = options["export"], options["overwrite"]
-    check_run_dir(out, overwrite, inputs=(model,), extra_files=export_files(export))
+    extra = export_files(export)
+    preflight(out, overwrite=overwrite, inputs=(model,), extra_files=extra)
     if export is not None:
         check_export_target(export, overwrite, model, run_dir=out)
     data_name = data_spec(options["data"], loaded, model)
     bundle = resolve_data(data_name, seed=settings.seed)
     sigterm_as_interrupt()
     with distributed(settings.device) as rank:
+        owned = nullcontext(None)
+        if rank == 0:  # under torchrun only rank 0 writes and publishes the run
+            owned = run_directory(out, overwrite=overwrite, inputs=(model,), extra_files=extra)
         bars = BarProgress(enabled=not options["quiet"] and rank == 0)
-        with tracked_run(bars, None), bars:
+        with owned as work, tracked_run(bars, None), bars:
             result = run_pruning(loaded.model, bundle, settings, progress=bars)
-    if rank != 0:  # under torchrun only rank 0 publishes the run
+            if work is not None:
+                receipt = _write_outputs(work, out, result, loaded.arch, data_name, bundle, export)
+    if rank != 0:
         return
-    write_run(out, result, loaded.arch, data_name)
-    plots(out)
     print_summary(result.report, out)
-    if export is not None:
-        from prunekit.api import export_model
-
-        receipt = export_model(
-            result.model,
-            export,
-            bundle,
-            masks=result.masks,
-            overwrite=overwrite,
-            receipt_path=out / "export.json",
-        )
+    if export is not None and export.resolve().parent != out.resolve():
+        receipt = _export(result, export, bundle, overwrite, out / "export.json", out, export)
+    if receipt is not None:
         show_receipt(receipt)
+
+
+def _write_outputs(work: Path, out: Path, result, arch, data_name: str, bundle, export):
+    """The run files, plots, and an export that lives inside the run folder; its receipt."""
+    from prunekit.report import write_run
+
+    write_run(work, result, arch, data_name)
+    plots(work)
+    if export is None or export.resolve().parent != out.resolve():
+        return None
+    return _export(result, work / export.name, bundle, True, work / "export.json", out, export)
+
+
+def _export(result, path: Path, bundle, overwrite: bool, receipt: Path, out: Path, shown: Path):
+    """Export the pruned model to ``path``; the receipt names ``shown`` (its final place)."""
+    from prunekit.api import export_model
+
+    return export_model(
+        result.model,
+        path,
+        bundle,
+        masks=result.masks,
+        overwrite=overwrite,
+        receipt_path=receipt,
+        published_path=shown,
+    )

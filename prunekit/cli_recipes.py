@@ -23,6 +23,7 @@ from prunekit.console import (
 )
 from prunekit.trust import check_recipe_trust, trusting_code
 
+RECIPE_OUTPUTS = ("model.onnx", "export.json")
 SET_HELP = "Override a recipe key: section.key=value (repeatable, type-checked; trusted as typed)."
 
 
@@ -56,22 +57,21 @@ def run(
     trust_code: bool = typer.Option(False, help=TRUST_CODE_HELP),
 ) -> None:
     """Run a compression recipe; exit 0 when every check passes, 1 when one fails."""
-    from prunekit.prune.state import check_run_dir, load_step_state
     from prunekit.recipe_run import run_recipe
+    from prunekit.rundir import run_directory
 
     spec = _checked(recipe, set_, trust_code)
     out = out or Path("runs") / recipe.stem
     inputs = (recipe, *([Path(spec["model"]["checkpoint"])] if spec["model"]["checkpoint"] else []))
-    extra = ("model.onnx", "export.json")
-    if not resume or load_step_state(out) is None:  # nothing to resume: a fresh run
-        check_run_dir(out, overwrite, inputs=inputs, extra_files=extra)
-    else:  # resuming may rewrite every run file: still never the inputs
-        check_run_dir(out, True, inputs=inputs, extra_files=extra)
     sigterm_as_interrupt()
     bars = BarProgress(enabled=not quiet)
-    with trusting_code(trust_code), bars, tracked_run(bars, _resume_command(recipe, set_, out)):
-        report, checks = run_recipe(spec, out, resume=resume, progress=bars)
-    plots(out)
+    owned = run_directory(
+        out, overwrite=overwrite, resume=resume, inputs=inputs, extra_files=RECIPE_OUTPUTS
+    )
+    with trusting_code(trust_code), tracked_run(bars, _resume_command(recipe, set_, out)):
+        with owned as work, bars:  # published as `out` only when the block completes
+            report, checks = run_recipe(spec, work, resume=resume, progress=bars, final=out)
+            plots(work)
     print_summary(report, out)
     if not print_checks(checks):
         raise typer.Exit(1)

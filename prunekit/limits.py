@@ -49,7 +49,7 @@ def check_bound(name: str, value: object, flag: str | None = None) -> None:
 
 
 #: settings that must be finite numbers (their ranges are checked where they are used)
-FINITE = ("sparsity", "lr", "lam", "temperature", "momentum", "weight_decay")
+FINITE = ("lr", "lam", "temperature", "momentum", "weight_decay")
 
 
 def check_bounds(values: dict, flags: dict[str, str] | None = None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 # Module references, not their functions: validation must provably never load weights or
@@ -24,18 +24,20 @@ from prunekit.api import export_model, train_example
 from prunekit.criteria import CRITERIA
 from prunekit.criteria.curvature import ESTIMATORS
 from prunekit.criteria.fisher import LABELS
-from prunekit.errors import SettingError, choice_error
+from prunekit.errors import CheckpointError, SettingError, choice_error, first_line
 from prunekit.finetune import OPTIMIZERS
 from prunekit.loop import run_pruning
 from prunekit.models import EXAMPLES
 from prunekit.prune.masks import SCOPES
 from prunekit.prune.schedules import SCHEDULES, schedule
-from prunekit.prune.state import load_step_state, write_json
+from prunekit.prune.state import write_json
 from prunekit.prune.targets import find_targets
 from prunekit.recipe import evaluate_checks, load_recipe, recipe_hash
 from prunekit.report import write_run
+from prunekit.resume import has_checkpoint
 from prunekit.settings import Progress, PruneSettings, make_run_criterion
 from prunekit.tasks import DISTILL_METRICS, LOSSES, load_task
+from prunekit.trust import check_file_spec
 
 
 def recipe_choices() -> dict:
@@ -118,17 +120,21 @@ def recipe_model(recipe: dict, progress: Progress | None = None, train: bool = T
     return loaded.model, loaded.arch
 
 
-def run_recipe(recipe: dict, out, resume: bool = False, progress: Progress | None = None):
+def run_recipe(
+    recipe: dict, out, resume: bool = False, progress: Progress | None = None, final=None
+):
     """Run a resolved recipe into run directory ``out``; returns (report, checks rows).
 
     Every finished step is checkpointed under out/state; with ``resume`` the run
     continues from there (a changed recipe is refused). Export and checks come last.
+    final: where ``out`` will be published (the CLI writes into a work folder first); the
+    export receipt names the model file there.
     """
     out = Path(out)
     validate_recipe(recipe)  # every setting before any training or data loading
     settings = settings_from_recipe(recipe)
     data = data_specs.load_data(recipe["data"], seed=recipe["seed"])
-    has_state = resume and load_step_state(out) is not None
+    has_state = resume and has_checkpoint(out)
     model, arch = recipe_model(recipe, progress, train=not has_state)
     info = {"recipe_hash": recipe_hash(recipe), "recipe": recipe}
     result = run_pruning(
@@ -145,6 +151,7 @@ def run_recipe(recipe: dict, out, resume: bool = False, progress: Progress | Non
             storage=recipe["export"]["storage"],
             quantize=recipe["export"]["quantize"],
             overwrite=True,
+            published_path=Path(final) / "model.onnx" if final is not None else None,
         )
     checks = evaluate_checks(recipe["checks"], result.report, receipt)
     result.report["checks"] = checks
@@ -164,12 +171,26 @@ def _meta_model(recipe: dict) -> nn.Module | None:
     elif not Path(spec["checkpoint"]).is_file():
         raise SettingError(f"model.checkpoint {spec['checkpoint']!r} does not exist")
     elif arch is None and spec["checkpoint"].endswith(".safetensors"):
-        with safe_open(spec["checkpoint"], framework="pt") as f:
-            arch = (f.metadata() or {}).get(checkpoints.ARCH_KEY)
+        arch = _stored_arch(spec["checkpoint"])
     if arch is None:
         return None  # TorchScript or pickle: targets are known only once loaded
     with torch.device("meta"):
         return checkpoints.build_model(arch)
+
+
+def _stored_arch(path: str) -> str | None:
+    """The arch in a checkpoint's metadata, allowed by the trust policy; CheckpointError for a
+    file that is not safetensors."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            arch = (f.metadata() or {}).get(checkpoints.ARCH_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"model.checkpoint {path!r} cannot be read as safetensors: {first_line(exc)}"
+        ) from exc
+    if arch:
+        check_file_spec("arch", arch, f"the metadata of {path!r}")
+    return arch
 
 
 def validate_recipe(recipe: dict) -> dict:

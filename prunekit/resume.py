@@ -18,7 +18,7 @@ from prunekit.criteria.ekfac import EKFACBasis
 from prunekit.criteria.kfac import Layer
 from prunekit.distill import TEACHER_FILE
 from prunekit.errors import SettingError
-from prunekit.prune.state import STATE_DIR, load_step_state, save_step_state
+from prunekit.prune.state import STATE_DIR, check_step_state, load_step_state, save_step_state
 
 if TYPE_CHECKING:
     from prunekit.loop import _Run
@@ -30,7 +30,7 @@ def resume_plan(state_dir, resume: bool) -> tuple[Path | None, bool]:
     if state_dir is None:
         return None, False
     cache = Path(state_dir) / STATE_DIR / TEACHER_FILE
-    return cache, resume and load_step_state(state_dir) is not None
+    return cache, resume and has_checkpoint(state_dir)
 
 
 def _cache_tensors(cache: dict) -> tuple[dict, dict]:
@@ -80,16 +80,51 @@ def save_state(run: _Run, state_dir, step: int, state_info: dict | None) -> None
     save_step_state(state_dir, step, tensors, info)
 
 
+_NONE = type(None)
+#: latest.json keys a step checkpoint holds (values are untrusted: types checked on load)
+STATE_INFO = {
+    "rows": list,
+    "dense": (dict, _NONE),
+    "pruned": (dict, _NONE),
+    "estimators": dict,
+    "cache": dict,
+    "ntk": list,
+}
+STATE_INFO_OPTIONAL = {"recipe_hash": str, "recipe": dict}
+
+
+def expected_state_tensors(run: _Run) -> dict:
+    """Tensor name -> shape (None = any) that a checkpoint of ``run`` must hold."""
+    expected = {f"model/{k}": tuple(v.shape) for k, v in run.model.state_dict().items()}
+    expected |= {f"mask/{n}": tuple(m.shape) for n, m in run.masks.items()}
+    return expected | {"rng/generator": None, "rng/torch": None}
+
+
+def has_checkpoint(run_dir) -> bool:
+    """True when ``run_dir`` holds a step checkpoint (validated: RunDirError if corrupt)."""
+    return check_step_state(run_dir, STATE_INFO, STATE_INFO_OPTIONAL) is not None
+
+
 def restore_state(run: _Run, state_dir, state_info: dict | None) -> int:
     """Load the latest checkpoint into ``run``; returns its step (0 when there is none).
 
-    Refuses (SettingError naming the keys) a checkpoint made with another recipe.
+    The checkpoint is untrusted input: its JSON keys and types, file paths, header, tensor
+    names and shapes are checked first (RunDirError naming the file), and one made with
+    another recipe is refused (naming the changed keys).
     """
-    loaded = load_step_state(state_dir) if state_dir is not None else None
+    loaded = None
+    if state_dir is not None:
+        loaded = load_step_state(
+            state_dir,
+            required=STATE_INFO,
+            optional=STATE_INFO_OPTIONAL,
+            expected=expected_state_tensors(run),
+            optional_prefixes=("cache/",),
+        )
     if loaded is None:
         return 0
     tensors, info = loaded
-    _check_same_recipe(info, state_info or {})
+    _check_same_recipe(info, state_info or {}, Path(state_dir) / STATE_DIR / "latest.json")
     run.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     device = next(run.model.parameters()).device
     run.masks = {n: tensors[f"mask/{n}"].bool().to(device) for n in run.masks}
@@ -103,7 +138,7 @@ def restore_state(run: _Run, state_dir, state_info: dict | None) -> int:
     return int(info["step"])
 
 
-def _check_same_recipe(info: dict, state_info: dict) -> None:
+def _check_same_recipe(info: dict, state_info: dict, latest: Path) -> None:
     if info.get("recipe_hash") == state_info.get("recipe_hash"):
         return
     # Imported here: the recipe schema (and yaml) is needed only to explain a refusal.
@@ -111,6 +146,6 @@ def _check_same_recipe(info: dict, state_info: dict) -> None:
 
     changed = changed_keys(info.get("recipe") or {}, state_info.get("recipe") or {})
     raise SettingError(
-        f"cannot resume: the recipe changed since the checkpoint (keys {changed or ['?']}); "
-        "restore it or start a new run without --resume"
+        f"cannot resume from {str(latest)!r}: the recipe changed since that checkpoint (keys "
+        f"{changed or ['?']}); restore it or start a new run without --resume"
     )

@@ -22,6 +22,7 @@ from prunekit.errors import SettingError
 from prunekit.prune.state import load_step_state
 from prunekit.recipe import load_recipe
 from prunekit.recipe_run import run_recipe
+from prunekit.rundir import partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -176,7 +177,8 @@ def test_resume_needs_the_kept_eigenbasis(tmp_path, recipe_file, reference):
     info = json.loads(latest.read_text())
     tensors = load_file(str(out / "state" / info["tensors"]))
     save_file({k: v for k, v in tensors.items() if not k.startswith("cache/")},
-              str(out / "state" / info["tensors"]))  # fmt: skip
+              str(out / "state" / info["tensors"]),
+              metadata={"prunekit.kind": "state", "prunekit.step": str(info["step"])})  # fmt: skip
     info["cache"] = {"ekfac_step": None}
     latest.write_text(json.dumps(info))
     run_recipe(recipe, out, resume=True)
@@ -275,7 +277,8 @@ def start(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
 def test_sigint_after_a_checkpoint_exits_130_and_resumes(tmp_path, recipe_file, reference):
     out = tmp_path / "run"
     proc = start(recipe_file, out)
-    latest = out / "state" / "latest.json"
+    work = partial_path(out)  # the CLI writes aside and publishes `out` only when done
+    latest = work / "state" / "latest.json"
     deadline = time.monotonic() + 120
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -286,7 +289,14 @@ def test_sigint_after_a_checkpoint_exits_130_and_resumes(tmp_path, recipe_file, 
     assert "Traceback" not in stderr
     step = json.loads(latest.read_text())["step"]
     assert 1 <= step < STEPS  # stopped mid-run, after the first checkpoint
-    assert_clean_interrupt(out, step)
+    assert stderr.strip() == (
+        f"error: interrupted after step {step} of {STEPS}; resume with: prunekit run "
+        f"{recipe_file} --out {out} --resume"
+    )
+    assert not out.exists()  # nothing half-written is ever visible as the run
+    assert_clean_interrupt(work, step)
+    code = start(recipe_file, out).wait(timeout=60)  # without --resume: refused, says so
+    assert code == 2 and not out.exists()
     proc = start(recipe_file, out, "--resume")
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
