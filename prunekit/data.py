@@ -1,10 +1,24 @@
 """Data specs: bundled digits, bundled MNIST (5k), synthetic, .npz files, or user functions.
 
 A spec resolves to a ``DataBundle`` of train/validation tensors with a seeded split. Specs:
-``digits``, ``mnist5k``, ``synthetic[?n=..&dim=..&classes=..&task=regression]``
-(``task=tokens&seq=..&vocab=..[&labels=no]``: padded token ids and attention masks),
-``path/to/file.npz`` (arrays x, y, optional x_val, y_val) and ``module:function`` (returns
-a DataBundle, or ``(train, val)`` where each is ``(x, y)``, a Dataset or a DataLoader).
+``digits``, ``mnist5k``, ``synthetic[?n=..&dim=..&classes=..&task=regression&seed=..]``
+(``task=tokens&seq=..&vocab=..[&labels=no]``: padded token ids and attention masks; every
+option a whole number within ``synthetic.SYNTHETIC_BOUNDS`` and the arrays drawn within
+``synthetic.SYNTHETIC_MAX_BYTES``), ``path/to/file.npz`` (arrays x, y, optional x_val, y_val) and
+``module:function`` (returns a DataBundle, or ``(train, val)`` where each is ``(x, y)``, a
+Dataset or a DataLoader). Options after ``?`` belong to ``synthetic`` only.
+
+Every bundle is checked when it is built, before any long work (``datacheck``: numeric,
+finite, enough rows, matching splits, labels >= 0; ``synthetic``: bounded options); each
+failure is one DataError naming the array and what would be valid. Labels below the
+model's number of outputs are checked by ``check_data_fits`` (``datafit``), which knows the
+model.
+
+Kinds (``datacheck.kind_of``): y holds class labels (classification) only when it is a
+1-D integer array. A float y is a regression target even when every value is a whole
+number: counts or ratings are real regression targets, so values alone never turn data
+into classes. ``check_data_fits`` refuses a 1-D float y against a model with several
+outputs (or a classification task) in one line that says to save y as integers.
 """
 
 from __future__ import annotations
@@ -19,18 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from prunekit.errors import DataError, first_line
-from prunekit.types import (
-    TASK_KINDS,
-    Task,
-    batch_inputs,
-    batch_to,
-    call_model,
-    num_rows,
-    take_rows,
-)
+from prunekit.datacheck import checked_arrays, kind_of, rows, val_rows
+from prunekit.datafit import check_data_fits, describe_inputs
+from prunekit.errors import DataError, PrunekitError, SettingError, choice_error, first_line
+from prunekit.synthetic import synthetic_arrays
+from prunekit.types import TASK_KINDS, num_rows, take_rows
+
+__all__ = [
+    "DATA_KINDS", "Batches", "DataBundle", "Inputs", "bundle_from_batches", "check_bundle",
+    "check_data_fits", "describe_inputs", "load_data",
+]  # fmt: skip
 
 DATA_KINDS = (*TASK_KINDS, "inputs", "distill")
 Inputs = Tensor | dict[str, Tensor]
@@ -132,43 +146,6 @@ def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
     return (raw[:, :-1] / 255.0).reshape(-1, 1, 28, 28), raw[:, -1].astype(np.int64)
 
 
-def _synthetic_tokens(n: int, classes: int, seed: int, seq=24, vocab=64, labels="yes"):
-    """Padded token sequences {input_ids, attention_mask}; the class of a sequence is the
-    most frequent (token id mod classes) among its real tokens (labels=no: inputs only)."""
-    rng = np.random.default_rng(seed)
-    seq, vocab = int(seq), int(vocab)
-    if seq < 2 or vocab < classes + 1 or classes < 2:
-        raise DataError(f"synthetic tokens need seq >= 2, classes >= 2, vocab > classes; got "
-                        f"seq={seq}, classes={classes}, vocab={vocab}")  # fmt: skip
-    lengths = rng.integers(max(1, seq // 4), seq + 1, n)
-    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
-    ids = rng.integers(1, vocab, (n, seq)) * mask  # 0 = padding
-    counts = np.stack([((ids % classes == c) & (mask == 1)).sum(1) for c in range(classes)], 1)
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if str(labels).lower() in ("no", "false", "0"):
-        return inputs, None
-    return inputs, counts.argmax(1)
-
-
-def _synthetic(n=2000, dim=20, classes=4, task="classification", seed=1234, **tokens):
-    n, classes, seed = int(n), int(classes), int(seed)
-    if task == "tokens":
-        return _synthetic_tokens(n, classes, seed, **tokens)
-    if tokens:
-        raise TypeError(f"unexpected options {sorted(tokens)} (seq, vocab, labels: task=tokens)")
-    rng = np.random.default_rng(int(seed))
-    n, dim, classes = int(n), int(dim), int(classes)
-    x = rng.standard_normal((n, dim)).astype(np.float32)
-    w = rng.standard_normal((dim, max(classes, 1))).astype(np.float32)
-    if task == "regression":
-        return x, np.tanh(x @ w) + 0.05 * rng.standard_normal((n, w.shape[1]))
-    if task != "classification":
-        raise DataError(
-            f"synthetic task {task!r} is not one of {', '.join(TASK_KINDS)}, tokens"
-        )
-    return x, (x @ w).argmax(1)
-
-
 def _parse_query(spec: str) -> tuple[str, dict[str, str]]:
     base, _, query = spec.partition("?")
     args = {}
@@ -178,10 +155,6 @@ def _parse_query(spec: str) -> tuple[str, dict[str, str]]:
             raise DataError(f"data spec {spec!r}: option {part!r} must look like key=value")
         args[key] = value
     return base, args
-
-
-def _kind_of(y: np.ndarray) -> str:
-    return "classification" if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 else "regression"
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -223,50 +196,114 @@ def _from_npz(path: Path) -> tuple:
     return {k: arrays[k] for k in names}, y, val or None, y_val
 
 
-def _to_arrays(obj, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) arrays from a pair, a Dataset of pairs or a DataLoader of batches."""
+def _describe(obj) -> str:
+    """What a user function returned, for messages: 'None', 'a tuple of 3 items', 'int'."""
+    if obj is None:
+        return "None"
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    if isinstance(obj, (np.ndarray, Tensor)):
+        return f"an array of shape {tuple(obj.shape)}"
+    kind = type(obj).__name__
+    return f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
+
+
+def _pair_arrays(obj) -> tuple:
+    """(x, y) from a pair, a Dataset of pairs or a DataLoader of batches."""
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and not isinstance(obj[0], tuple):
-        return np.asarray(obj[0]), np.asarray(obj[1])
-    try:
-        items = list(obj)
-    except TypeError as exc:
-        raise DataError(f"{what} must be (x, y), a Dataset or a DataLoader") from exc
-    if isinstance(obj, torch.utils.data.DataLoader):
-        xs, ys = zip(*items, strict=True)
-        return torch.cat(list(xs)).numpy(), torch.cat(list(ys)).numpy()
+        return obj[0], obj[1]
+    items = list(obj)
     xs, ys = zip(*items, strict=True)
+    if isinstance(obj, torch.utils.data.DataLoader):
+        return torch.cat(list(xs)).numpy(), torch.cat(list(ys)).numpy()
     return torch.stack([torch.as_tensor(v) for v in xs]).numpy(), np.asarray(
         [np.asarray(v) for v in ys]
     )
 
 
-def _from_function(spec: str) -> DataBundle | tuple:
+def _to_arrays(obj, spec: str, part: str) -> tuple:
+    """(x, y) of one part of what a data function returned; one-line DataError otherwise."""
+    try:
+        return _pair_arrays(obj)
+    except Exception as exc:  # ragged items, non-pairs, non-iterables: all one message
+        raise DataError(
+            f"data function {spec!r}: its {part} part ({_describe(obj)}) is not (x, y), a "
+            f"Dataset of (x, y) pairs or a DataLoader of (x, y) batches: {first_line(exc)}"
+        ) from exc
+
+
+def _call_function(spec: str):
+    """Import ``module:function`` and call it; every failure is one DataError line."""
     module_name, _, func_name = spec.partition(":")
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises while importing
         raise DataError(
-            f"data spec {spec!r} does not import ({first_line(exc)}); expected module:function"
+            f"data spec {spec!r} does not import ({type(exc).__name__}: {first_line(exc)}); "
+            "expected module:function"
         ) from exc
-    return func()
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise DataError(
+            f"data spec {spec!r} does not import (module {module_name!r} has no {func_name!r}); "
+            "expected module:function"
+        )
+    if not callable(func):
+        raise DataError(f"data spec {spec!r}: {func_name!r} is {_describe(func)}, not a function")
+    try:
+        return func()
+    except PrunekitError:
+        raise
+    except Exception as exc:  # the user's code: quote its first line, never a traceback
+        raise DataError(
+            f"data function {spec!r} raised {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
 
 
-def _rows(x) -> int:
-    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+def _from_function(spec: str, seed: int, val_fraction: float) -> DataBundle:
+    expected = "a DataBundle or (train, val), each (x, y), a Dataset or a DataLoader"
+    got = _call_function(spec)
+    if isinstance(got, DataBundle):
+        return check_bundle(got)
+    if not (isinstance(got, (tuple, list)) and len(got) == 2):
+        raise DataError(f"data function {spec!r} returned {_describe(got)}; expected {expected}")
+    if all(isinstance(p, (np.ndarray, Tensor)) for p in got):
+        raise DataError(
+            f"data function {spec!r} returned two arrays ({_describe(got[0])}, "
+            f"{_describe(got[1])}), not (train, val); expected {expected}"
+        )
+    (x, y), (xv, yv) = _to_arrays(got[0], spec, "train"), _to_arrays(got[1], spec, "val")
+    return _bundle(x, y, xv, yv, spec, seed, val_fraction)
 
 
-def _check_rows(x, y, name: str, part: str) -> None:
-    sizes = {k: len(v) for k, v in x.items()} if isinstance(x, dict) else {"x": len(x)}
-    if y is not None:
-        sizes["y"] = len(y)
-    if len(set(sizes.values())) != 1 or 0 in sizes.values():
-        raise DataError(f"data {name!r}: {part} arrays need equal, non-zero lengths, got {sizes}")
+def check_bundle(data: DataBundle) -> DataBundle:
+    """``data`` (e.g. built by a user's function) checked like loaded arrays, plus its own
+    fields: ``kind`` one of DATA_KINDS; for classification, int64 labels (N,) below
+    ``num_classes``. Returns ``data``; raises one DataError line."""
+    if data.kind not in DATA_KINDS:
+        raise choice_error("data kind", data.kind, DATA_KINDS)
+    dict_targets = isinstance(data.y_train, dict) or isinstance(data.y_val, dict)
+    y, y_val = (None, None) if dict_targets else (data.y_train, data.y_val)
+    _, y, _, y_val = checked_arrays(data.x_train, y, data.x_val, y_val, data.name, 0.2)
+    if data.kind == "classification":
+        if y is None or kind_of(y) != "classification" or kind_of(y_val) != "classification":
+            raise DataError(
+                f"data {data.name!r} is marked classification but its targets are not integer "
+                "class labels (N,)"
+            )
+        top = int(max(y.max(), y_val.max()))
+        if top >= data.num_classes:
+            raise DataError(
+                f"data {data.name!r} has num_classes={data.num_classes} but holds label {top}; "
+                f"labels must be in 0..{data.num_classes - 1}"
+            )
+    return data
 
 
 def _split(x, y, val_fraction: float, seed: int):
     rng = np.random.default_rng(seed)
-    order = rng.permutation(_rows(x))
-    n_val = max(1, int(round(len(order) * val_fraction)))
+    order = rng.permutation(rows(x))
+    n_val = val_rows(len(order), val_fraction)
     train, val = order[n_val:], order[:n_val]
 
     def pick(v, idx):
@@ -306,11 +343,10 @@ def _bundle(
     x, y, x_val, y_val, name: str, seed: int, val_fraction: float, standardise=False,
     keep_int=False,
 ):  # fmt: skip
-    _check_rows(x, y, name, "training")
-    if x_val is None or (y is not None and y_val is None):
+    x, y, x_val, y_val = checked_arrays(x, y, x_val, y_val, name, val_fraction)
+    if x_val is None:
         x, y, x_val, y_val = _split(x, y, val_fraction, seed)
-    _check_rows(x_val, y_val, name, "validation")
-    kind = "inputs" if y is None else _kind_of(np.asarray(y))
+    kind = "inputs" if y is None else kind_of(y)
     stats = None
     if standardise and not isinstance(x, dict):
         stats = (float(np.mean(x)), float(np.std(x)) or 1.0)
@@ -321,31 +357,29 @@ def _bundle(
 
 
 def load_data(spec: str, seed: int = 0, val_fraction: float = 0.2) -> DataBundle:
-    """Resolve a data spec (see module docstring) into a seeded train/validation bundle."""
+    """Resolve a data spec (see module docstring) into a seeded train/validation bundle.
+
+    val_fraction: share of the examples held out for validation when the data has no
+    validation arrays, in (0, 1). Raises one-line DataError/SettingError before any work.
+    """
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise SettingError(f"val_fraction {val_fraction!r} must be a number in (0, 1)")
     base, args = _parse_query(spec)
+    if args and base != "synthetic":
+        raise DataError(
+            f"data spec {spec!r}: options after '?' apply to synthetic only, not {base!r}"
+        )
     if base == "digits":
         return _bundle(*_digits(), None, None, spec, seed, val_fraction)
     if base == "mnist5k":
         return _bundle(*_mnist5k(), None, None, spec, seed, val_fraction, standardise=True)
     if base == "synthetic":
-        try:
-            x, y = _synthetic(**args)
-        except (TypeError, ValueError) as exc:
-            raise DataError(
-                f"data spec {spec!r}: {exc}; options are n, dim, classes, task, seed "
-                "(task=tokens: seq, vocab, labels)"
-            ) from exc
+        x, y = synthetic_arrays(spec, args)
         return _bundle(x, y, None, None, spec, seed, val_fraction)
     if base.endswith(".npz"):
         return _bundle(*_from_npz(Path(base)), spec, seed, val_fraction)
     if ":" in base:
-        got = _from_function(base)
-        if isinstance(got, DataBundle):
-            return got
-        if not (isinstance(got, (tuple, list)) and len(got) == 2):
-            raise DataError(f"data function {base!r} must return a DataBundle or (train, val)")
-        (x, y), (xv, yv) = _to_arrays(got[0], "train"), _to_arrays(got[1], "val")
-        return _bundle(x, y, xv, yv, spec, seed, val_fraction)
+        return _from_function(base, seed, val_fraction)
     raise DataError(
         f"unknown data spec {spec!r}; valid: digits, mnist5k, synthetic, FILE.npz, module:function"
     )
@@ -362,10 +396,14 @@ def _batch_parts(batch) -> tuple:
     raise DataError(f"data batches must be tensors, dicts or pairs, not {type(batch).__name__}")
 
 
-def _concat(parts: list):
-    if isinstance(parts[0], dict):
-        return {k: torch.cat([torch.as_tensor(p[k]) for p in parts]).numpy() for k in parts[0]}
-    return torch.cat([torch.as_tensor(p) for p in parts]).numpy()
+def _concat(parts: list, what: str):
+    """One tensor (or dict of tensors) from the batches' parts; DataError if they differ."""
+    try:
+        if isinstance(parts[0], dict):
+            return {k: torch.cat([torch.as_tensor(p[k]).detach() for p in parts]) for k in parts[0]}
+        return torch.cat([torch.as_tensor(p).detach() for p in parts])
+    except Exception as exc:  # shapes, dtypes or keys that differ between batches
+        raise DataError(f"data batches' {what} do not stack: {first_line(exc)}") from exc
 
 
 def bundle_from_batches(batches, val_fraction: float = 0.2, seed: int = 0) -> DataBundle:
@@ -381,86 +419,8 @@ def bundle_from_batches(batches, val_fraction: float = 0.2, seed: int = 0) -> Da
     labelled = {y is not None for _, y in parts}
     if len(labelled) != 1:
         raise DataError("data batches mix (inputs, targets) pairs and inputs-only batches")
-    x = _concat([p[0] for p in parts])
-    y = _concat([p[1] for p in parts]) if labelled == {True} else None
+    x = _concat([p[0] for p in parts], "inputs")
+    y = _concat([p[1] for p in parts], "targets") if labelled == {True} else None
     return _bundle(x, y, None, None, "batches", seed, val_fraction, keep_int=True)
 
 
-def describe_inputs(x: Inputs) -> str:
-    """Per-example shapes and dtypes of inputs, e.g. '{input_ids: (16,) int64, ...}'."""
-    if isinstance(x, dict):
-        inner = ", ".join(f"{k}: {tuple(v.shape[1:])} {str(v.dtype)[6:]}" for k, v in x.items())
-        return "{" + inner + "}"
-    return f"of shape {tuple(x.shape[1:])}"
-
-
-def _consume_error(exc: Exception, data: DataBundle, stage: str) -> DataError:
-    keys = list(data.x_train) if isinstance(data.x_train, dict) else None
-    if isinstance(exc, KeyError):
-        where = f"key {exc.args[0]!r} is missing" if exc.args else "a key is missing"
-        have = f"the batch has keys {keys}" if keys else "the batch is not a dict"
-        return DataError(f"the task's {stage} cannot consume the batch: {where}; {have}")
-    if isinstance(exc, IndexError) and ("tuple index" in str(exc) or "list index" in str(exc)):
-        return DataError(
-            f"the task's {stage} cannot consume the batch: position out of range "
-            f"({first_line(exc)}); batches are (inputs, targets) or inputs alone"
-        )
-    return DataError(
-        f"data {data.name!r} with inputs {describe_inputs(data.x_train)} does not fit the "
-        f"model ({stage}): {first_line(exc)}"
-    )
-
-
-@torch.no_grad()
-def check_data_fits(model: nn.Module, data: DataBundle, task: Task | None = None, loss=True):
-    """Run ``task`` (default: ``model(inputs)``) on two examples; returns the outputs.
-
-    Raises DataError (one line) naming the missing key, position or shapes when the model
-    or the task cannot consume the data, or, for built-in tasks, when the outputs do not
-    match the labels. loss: also evaluate ``task.loss`` on the batch.
-    """
-    was_training = model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    batch = batch_to(data.first_train(2, 2)[0], device)
-    stage = "forward"
-    try:
-        model.eval()
-        out = task.forward(model, batch) if task else call_model(model, batch_inputs(batch))
-        if task is not None and loss:
-            stage = "loss"
-            value = task.loss(out, batch)
-    except Exception as exc:  # any failure here means the data does not fit model or task
-        raise _consume_error(exc, data, stage) from exc
-    finally:
-        model.train(was_training)
-    if task is not None and loss:
-        _check_loss_value(value)
-    if task is None or task.kind in TASK_KINDS:
-        _check_outputs(out, data)
-    return out
-
-
-def _check_loss_value(value) -> None:
-    """A task's loss must be the batch's scalar mean (one floating-point number)."""
-    if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
-        got = f"shape {tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else (
-            type(value).__name__
-        )
-        raise DataError(
-            f"the task's loss must return a scalar float tensor (the batch mean), got {got}"
-        )
-
-
-def _check_outputs(out, data: DataBundle) -> None:
-    if not isinstance(out, Tensor):
-        raise DataError(f"the model returns {type(out).__name__}, not a tensor of outputs")
-    if data.kind == "classification" and (out.dim() != 2 or out.shape[1] < data.num_classes):
-        raise DataError(
-            f"data {data.name!r} has {data.num_classes} classes but the model outputs shape "
-            f"{tuple(out.shape)}; need (N, >= {data.num_classes})"
-        )
-    if data.kind == "regression" and tuple(out.shape[1:]) != tuple(data.y_train.shape[1:]):
-        raise DataError(
-            f"data {data.name!r} has targets of shape {tuple(data.y_train.shape[1:])} but the "
-            f"model outputs {tuple(out.shape[1:])} per example"
-        )
