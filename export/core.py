@@ -45,11 +45,38 @@ def default_targets(net: nn.Module) -> list[str]:
     return names
 
 
-def _check_path(path: Path, overwrite: bool) -> None:
+def _check_path(path: Path, overwrite: bool, log_path: Path) -> None:
     if not path.parent.is_dir():
         raise RunDirError(f"output directory {str(path.parent)!r} does not exist; create it first")
-    if path.exists() and not overwrite:
-        raise RunDirError(f"{str(path)!r} already exists; pass overwrite=True (--overwrite)")
+    if not log_path.parent.is_dir():
+        raise RunDirError(f"log directory {str(log_path.parent)!r} does not exist; create it first")
+    for out in (path, log_path):
+        if out.exists() and not overwrite:
+            raise RunDirError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite)")
+
+
+def exporter_log_path(path: str | os.PathLike) -> Path:
+    """Where export_onnx writes what the exporters printed by default: ``<path>.log``."""
+    path = Path(path)
+    return path.with_name(path.name + ".log")
+
+
+def _write_log(text: str, log_path: Path) -> str | None:
+    """Write the exporters' output atomically to ``log_path`` (str path), or, when they
+    printed nothing, remove an earlier export's log there (None)."""
+    if not text:
+        log_path.unlink(missing_ok=True)
+        return None
+    fd, tmp = tempfile.mkstemp(dir=log_path.parent, prefix=f".{log_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, log_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(log_path)
 
 
 def _masks(net: nn.Module, masks: dict | None) -> dict[str, Tensor]:
@@ -86,8 +113,10 @@ def _prepare(model: nn.Module, masks: dict | None, do_cleanup: bool) -> tuple:
 
 
 def _build(net, masks, example, storage, quantize, opset, exporter) -> tuple:
-    """(dense proto, stored proto, tensor rows, expected decoded weights, missing, exporter)."""
-    dense, used = export_proto(net, example, opset, exporter)
+    """(dense proto, stored proto, tensor rows, expected decoded weights, missing,
+    exporters.Exported)."""
+    exported = export_proto(net, example, opset, exporter)
+    dense = exported.proto
     check_opset(opset_of(dense), storage, quantize)
     candidates, missing = match_initializers(dense, net, count_pruned(masks))
     stored = onnx.ModelProto()
@@ -101,7 +130,7 @@ def _build(net, masks, example, storage, quantize, opset, exporter) -> tuple:
         )
         for c, r in zip(candidates, rows, strict=True)
     }
-    return dense, stored, rows, expected, missing, used
+    return dense, stored, rows, expected, missing, exported
 
 
 def _examples(model: nn.Module, example_input, verify_inputs) -> tuple[Example, Example]:
@@ -150,6 +179,7 @@ def export_onnx(
     exporter: str = "torchscript",
     overwrite: bool = True,
     max_accuracy_drop: float | None = None,
+    log_path: str | os.PathLike | None = None,
 ) -> dict:
     """Export a pruned model to ONNX at ``path``, verify it, and return the receipt.
 
@@ -161,22 +191,28 @@ def export_onnx(
     see exporters.input_axes). masks: parameter name
     -> bool tensor (True = keep); None reads them off the zeros of the default targets.
     storage: one of STORAGE_MODES; quantize: None or 'int8' (packed only); opset: ONNX opset
-    (default 18). verify_inputs/verify_targets: [N, ...] inputs of the same form as
-    example_input (a dict with the same keys; default: example_input) and class indices
-    [N] for the int8 accuracy change. cleanup: fold BatchNorm and remove
-    dead units first. latency: time onnxruntime and PyTorch at batch 1 and 64 (ms).
+    (default 18), within exporters.SUPPORTED_OPSETS and the storage mode's minimum, and
+    written exactly (never replaced by another). verify_inputs/verify_targets: [N, ...]
+    inputs of the same form as example_input (a dict with the same keys; default:
+    example_input) and class indices [N] for the int8 accuracy change. cleanup: fold
+    BatchNorm and remove dead units first. latency: time onnxruntime and PyTorch at batch
+    1 and 64 (ms). exporter: tried first ('torchscript' or 'dynamo'); the other is the
+    fallback, whose reason is logged as one warning. log_path: where everything the
+    exporters printed goes (default ``<path>.log``; written only when they printed
+    something, named in the receipt as ``exporter_log``); nothing reaches the terminal.
     Raises SettingError/RunDirError/ModelError (exit 2) before writing anything, or
     VerificationError (exit 1) after verification fails; on failure no file is at ``path``.
     """
     start = time.perf_counter()
-    check_modes(storage, quantize)
-    opset = DEFAULT_OPSET if opset is None else int(opset)
-    check_opset(opset, storage, quantize)
+    opset = DEFAULT_OPSET if opset is None else opset
+    check_modes(storage, quantize, opset)  # before any export work: one line, nothing written
+    opset = int(opset)  # a numpy integer, checked whole above
     path = Path(path)
-    _check_path(path, overwrite)
+    log_path = exporter_log_path(path) if log_path is None else Path(log_path)
+    _check_path(path, overwrite, log_path)
     example, inputs = _examples(model, example_input, verify_inputs)
     ref, net, net_masks, record = _prepare(model, masks, cleanup)
-    dense, stored, rows, expected, missing, used = _build(
+    dense, stored, rows, expected, missing, exported = _build(
         net, net_masks, example, storage, quantize, opset, exporter
     )
 
@@ -191,11 +227,18 @@ def export_onnx(
         return result, created
 
     verification, created = _write_verified(stored, path, verify)
+    written_log = _write_log(exported.log, log_path)
+    if exported.fallback:
+        log.warning(
+            "exported with %s: %s%s", exported.exporter, exported.fallback,
+            f"; exporter output in {written_log}" if written_log else "",
+        )  # fmt: skip
     size = path.stat().st_size
     dense_bytes = 4 * record["params_before"]
     receipt = {
-        "path": str(path), "storage": storage, "quantize": quantize, "exporter": used,
-        "opset": opset_of(stored), "inputs": graph_inputs(stored),
+        "path": str(path), "storage": storage, "quantize": quantize,
+        "exporter": exported.exporter, "exporter_fallback": exported.fallback,
+        "exporter_log": written_log, "opset": opset_of(stored), "inputs": graph_inputs(stored),
         "bytes": {"file": size, "dense_fp32": dense_bytes, "ratio": size / dense_bytes},
         "tensors": rows, "unmatched_weights": missing, "cleanup": record,
         "verification": verification, "session_creation_s": created, "memory_note": MEMORY_NOTE,

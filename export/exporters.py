@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import logging
+import numbers
+import os
 import re
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import onnx
 import torch
@@ -21,6 +28,19 @@ log = logging.getLogger(__name__)
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 18  # TorchScript and dynamo exporters both support it; >= 13 for int8
 OUTPUT = "output"
+
+#: exporter -> (lowest, highest) opset it writes as asked in torch 2.13, measured by exporting
+#: an MLP, a CNN with BatchNorm, an nn.LSTM and an nn.LSTMCell loop at opsets 5..29 and
+#: checking the written opset and onnxruntime parity. TorchScript (dynamo=False): 7..20,
+#: torch's own floor and ceiling (21..23 export under torch's "not supported" warning, 24 and
+#: up raise). dynamo: torchlib implements 18 and the ONNX version converter reaches 15..23
+#: (23 is torch's declared maximum); below 15 conversion fails for CNN/LSTM and the exporter
+#: silently keeps 18, which export_proto refuses rather than passing on.
+OPSET_RANGES = {"torchscript": (7, 20), "dynamo": (15, 23)}
+SUPPORTED_OPSETS = (
+    min(lo for lo, _ in OPSET_RANGES.values()),
+    max(hi for _, hi in OPSET_RANGES.values()),
+)
 
 # An example input: one tensor [N, ...] (graph input 'input'), or a dict name -> tensor [N, ...]
 # passed to the model as keyword arguments (graph inputs named after the keys, in order).
@@ -110,13 +130,17 @@ def _torchscript(net: nn.Module, x: Example, opset: int) -> onnx.ModelProto:
     if not isinstance(x, Tensor):
         net = _Keywords(net, list(x))
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+    try:
         torch.onnx.export(
             net, args, buf, dynamo=False, input_names=list(axes), output_names=[OUTPUT],
             dynamic_axes={**axes, OUTPUT: {0: "batch"}}, opset_version=opset, verbose=False,
             do_constant_folding=True,
         )  # fmt: skip
+    finally:
+        # torch 2.13's setup_onnx_logging tests a function object, not its result, so every
+        # export leaves the C++ ONNX log (IR dumps to fd 1) on for the rest of the process
+        with contextlib.suppress(AttributeError):
+            torch._C._jit_set_onnx_log_enabled(False)
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -126,22 +150,20 @@ def _at_least_two(x: Tensor) -> Tensor:
 
 
 def _dynamo(net: nn.Module, x: Example, opset: int) -> onnx.ModelProto:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if isinstance(x, Tensor):
-            program = torch.onnx.export(
-                net, (_at_least_two(x),), dynamo=True, input_names=["input"],
-                output_names=[OUTPUT], dynamic_axes={"input": {0: "batch"}, OUTPUT: {0: "batch"}},
-                opset_version=opset, external_data=False, verbose=False,
-            )  # fmt: skip
-        else:
-            dims = {"batch": Dim("batch"), "sequence": Dim("sequence")}
-            shapes = {k: {a: dims[d] for a, d in ax.items()} for k, ax in input_axes(x).items()}
-            program = torch.onnx.export(
-                net, (), kwargs={k: _at_least_two(v) for k, v in x.items()}, dynamo=True,
-                output_names=[OUTPUT], dynamic_shapes=shapes, opset_version=opset,
-                external_data=False, verbose=False,
-            )  # fmt: skip
+    if isinstance(x, Tensor):
+        program = torch.onnx.export(
+            net, (_at_least_two(x),), dynamo=True, input_names=["input"],
+            output_names=[OUTPUT], dynamic_axes={"input": {0: "batch"}, OUTPUT: {0: "batch"}},
+            opset_version=opset, external_data=False, verbose=False,
+        )  # fmt: skip
+    else:
+        dims = {"batch": Dim("batch"), "sequence": Dim("sequence")}
+        shapes = {k: {a: dims[d] for a, d in ax.items()} for k, ax in input_axes(x).items()}
+        program = torch.onnx.export(
+            net, (), kwargs={k: _at_least_two(v) for k, v in x.items()}, dynamo=True,
+            output_names=[OUTPUT], dynamic_shapes=shapes, opset_version=opset,
+            external_data=False, verbose=False,
+        )  # fmt: skip
     proto = program.model_proto
     if not isinstance(x, Tensor):
         _order_inputs(proto, list(x))
@@ -164,47 +186,209 @@ _RUNNERS = {"torchscript": _torchscript, "dynamo": _dynamo}
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
+#: Loggers the exporters write through (torch._logging puts its own stderr handler on "torch").
+_EXPORTER_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx")
+#: Warnings about the torch.onnx API prunekit calls, identical for every model: not logged.
+_API_NOTICES = (r".*'dynamic_axes' is not recommended", r".*legacy TorchScript-based ONNX")
+
+
+class Exported(NamedTuple):
+    """What :func:`export_proto` made: the model, the exporter that made it, everything the
+    exporters printed (warnings, log records, stdout/stderr of Python and C++, each failed
+    attempt's full error; '' when silent) and why the first exporter was not used (or None)."""
+
+    proto: onnx.ModelProto
+    exporter: str
+    log: str
+    fallback: str | None
+
+
+def opset_ranges() -> str:
+    """'torchscript 7..20, dynamo 15..23': the opsets each exporter writes, for messages."""
+    return ", ".join(f"{k} {a}..{b}" for k, (a, b) in OPSET_RANGES.items())
+
+
+def check_opset_supported(opset: object, floor: int = 0, what: str = "") -> int:
+    """``opset`` as an int if some exporter of this torch writes it (``SUPPORTED_OPSETS``)
+    and it is >= ``floor`` (the storage mode's minimum, named by ``what``).
+
+    Raises SettingError naming the value and the valid range, per exporter.
+    """
+    lo, hi = SUPPORTED_OPSETS
+    lo = max(lo, floor)
+    whole = isinstance(opset, numbers.Integral) and not isinstance(opset, bool)  # not 18.0
+    if not whole or not lo <= opset <= hi:
+        version = torch.__version__.split("+")[0]
+        raise SettingError(
+            f"opset {opset!r} is not one torch {version}'s ONNX exporters write"
+            f"{' for ' + what if what else ''}; valid: {lo}..{hi} ({opset_ranges()})"
+        )
+    return int(opset)
+
 
 @contextmanager
-def _quiet_torch_loggers():
-    """Silence torch's exporter loggers (they print tracebacks of a failed attempt)."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
+def _fd_capture(sink) -> Iterator[None]:
+    """Point file descriptors 1 and 2 at ``sink`` (C++ code writes there, not to sys.stdout)."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
     try:
-        for lg in loggers:
-            lg.setLevel(logging.CRITICAL)
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no descriptors 1/2 (a detached process): nothing to capture
+        yield
+        return
+    try:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
         yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
+        _flush_c_stdio()
+        for fd, old in zip((1, 2), saved, strict=True):
+            os.dup2(old, fd)
+            os.close(old)
+
+
+def _flush_c_stdio() -> None:
+    """fflush(NULL): C/C++ buffers must empty into the sink before the descriptors go back."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
+def _exporter_loggers() -> list[logging.Logger]:
+    """The exporters' top loggers, then every descendant with handlers of its own (torch's
+    logging setup gives e.g. 'torch.onnx' a stderr handler and propagate=False)."""
+    tops = [logging.getLogger(n) for n in _EXPORTER_LOGGERS]
+    names = [
+        n for n, lg in list(logging.Logger.manager.loggerDict.items())
+        if isinstance(lg, logging.Logger) and lg.handlers
+        and any(n.startswith(top + ".") for top in _EXPORTER_LOGGERS)
+    ]  # fmt: skip
+    return tops + [logging.getLogger(n) for n in names]
+
+
+@contextmanager
+def _captured_loggers(text: io.StringIO) -> Iterator[None]:
+    """Records of the exporters' loggers (WARNING and up) go to ``text`` and nowhere else."""
+    handler = logging.StreamHandler(text)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    loggers = _exporter_loggers()
+    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    try:
+        for k, lg in enumerate(loggers):
+            lg.handlers, lg.propagate = [handler], False
+            if k < len(_EXPORTER_LOGGERS):  # descendants keep their levels
+                lg.setLevel(logging.WARNING)
+        yield
+    finally:
+        for lg, (handlers, propagate, level) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
             lg.setLevel(level)
+
+
+@contextmanager
+def capture_output() -> Iterator[io.StringIO]:
+    """Everything printed inside the block, into the yielded buffer (filled on exit).
+
+    Python's sys.stdout/sys.stderr, the exporters' loggers, warnings (one line per distinct
+    warning; deprecation notices about the torch.onnx API itself are dropped) and the C/C++
+    side's writes to file descriptors 1 and 2, e.g. the IR graph the TorchScript exporter
+    dumps when it fails. Nothing reaches the terminal.
+    """
+    text = io.StringIO()
+    with tempfile.TemporaryFile() as raw, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        for pattern in _API_NOTICES:
+            warnings.filterwarnings("ignore", message=pattern)
+        try:
+            with _fd_capture(raw), _captured_loggers(text):
+                with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                    yield text
+        finally:
+            raw.seek(0)
+            text.write(raw.read().decode("utf-8", errors="replace"))
+            seen = dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught)
+            text.write("".join(f"{line}\n" for line in seen))
+
+
+def _order(exporter: str, opset: int) -> tuple[list[str], list[str]]:
+    """(exporters that write ``opset``, ``exporter`` first; why each other one is left out)."""
+    if exporter not in EXPORTERS:
+        raise choice_error("exporter", exporter, EXPORTERS)
+    check_opset_supported(opset)
+    able = [e for e in EXPORTERS if OPSET_RANGES[e][0] <= opset <= OPSET_RANGES[e][1]]
+    order = sorted(able, key=lambda e: e != exporter)
+    skipped = [
+        f"the {e} exporter writes opsets {OPSET_RANGES[e][0]}..{OPSET_RANGES[e][1]}, not {opset}"
+        for e in sorted(set(EXPORTERS) - set(able), key=lambda e: e != exporter)
+    ]
+    return order, skipped
+
+
+def _one_line(exc: BaseException) -> str:
+    """'Type: first line' of the innermost cause: the dynamo exporter wraps the real reason
+    (e.g. 'No ONNX function found for aten.cummax') in a generic 'step 3/3' ConversionError."""
+    root, seen = exc, {id(exc)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    plain = _ANSI.sub("", str(root)).strip()
+    return f"{type(root).__name__}: {(plain.splitlines() or [''])[0][:300]}"
+
+
+def _attempt(name: str, net: nn.Module, example: Example, opset: int) -> tuple:
+    """(proto or None, captured output, one-line failure or None) of one exporter."""
+    proto, failure = None, None
+    with capture_output() as text:
+        try:
+            proto = _RUNNERS[name](net, example, opset)
+        except Exception as exc:  # exporters raise many types; the caller reports them all
+            failure = _one_line(exc)
+            print(f"{name} exporter failed: {type(exc).__name__}: {_ANSI.sub('', str(exc))}")
+    if proto is not None and opset_of(proto) != opset:  # e.g. dynamo's failed conversion
+        failure = f"it wrote opset {opset_of(proto)}, not the requested {opset}"
+        proto = None
+    output = text.getvalue()
+    if failure and failure not in output:
+        output += f"{name} exporter failed: {failure}\n"
+    return proto, output, failure
 
 
 def export_proto(
     net: nn.Module, example: Example, opset: int, exporter: str = "torchscript"
-) -> tuple[onnx.ModelProto, str]:
-    """(ModelProto, exporter used). Tries ``exporter`` first, then the other one.
+) -> Exported:
+    """Export ``net`` at exactly ``opset``: tries ``exporter`` first, then the other one.
 
     example: a tensor (graph input 'input') or a dict of keyword arguments (graph inputs
     named after the keys, in the dict's order, dtypes kept); dynamic axes as
     :func:`input_axes` says; the first output is 'output' with dynamic dim 0 ('batch').
-    Raises ModelError naming both failures if neither exporter can handle the model.
+    Only exporters whose ``OPSET_RANGES`` hold ``opset`` are tried, and a model written at
+    another opset counts as a failure: the opset is never silently replaced. Everything
+    the exporters print is captured into ``Exported.log``, never shown. Raises
+    SettingError for an opset no exporter writes, ModelError naming every failure if no
+    exporter can handle the model.
     """
-    if exporter not in EXPORTERS:
-        raise choice_error("exporter", exporter, EXPORTERS)
-    order = [exporter] + [e for e in EXPORTERS if e != exporter]
-    errors = []
+    order, skipped = _order(exporter, opset)
+    logs, errors = [], []
+    # a fallback names why the asked exporter was not used: left out for the opset, or failed
+    reasons = [r for r in skipped if r.startswith(f"the {exporter} ")]
     for name in order:
-        try:
-            with _quiet_torch_loggers():
-                proto = _RUNNERS[name](net, example, opset)
-        except Exception as exc:  # exporters raise many types; we report them all
-            plain = _ANSI.sub("", str(exc)).strip()
-            first = (plain.splitlines() or [type(exc).__name__])[0]
-            log.debug("%s exporter failed: %s", name, first)
-            errors.append(f"{name}: {type(exc).__name__}: {first[:300]}")
-            continue
-        return proto, name
-    raise ModelError(f"no ONNX exporter could handle {type(net).__name__}: " + " | ".join(errors))
+        proto, output, failure = _attempt(name, net, example, opset)
+        if output:
+            logs.append(f"== {name} exporter, opset {opset} ==\n{output}")
+        if failure is None:
+            fallback = "; ".join(reasons) if reasons else None
+            return Exported(proto, name, "".join(logs), fallback)
+        log.debug("%s exporter failed: %s", name, failure)
+        errors.append(f"{name}: {failure}")
+        reasons.append(f"the {name} exporter failed ({failure})")
+    raise ModelError(
+        f"no ONNX exporter could handle {type(net).__name__} at opset {opset}: "
+        + " | ".join(errors + skipped)
+    )
 
 
 def opset_of(model: onnx.ModelProto) -> int:

@@ -60,6 +60,9 @@ def receipt_table(receipt: dict) -> list[tuple[str, str]]:
         ("decoded zeros", f"{v['weights']['zeros']:,} >= {v['weights']['pruned']:,} pruned"),
         ("session creation", f"{receipt['session_creation_s'] * 1e3:.1f} ms"),
     ]
+    extra = [("exporter fallback", receipt.get("exporter_fallback")),  # why the other ran
+             ("exporter log", receipt.get("exporter_log"))]  # where exporters' output went
+    rows[3:3] = [(label, str(value)) for label, value in extra if value]  # fmt: skip
     if "accuracy_change" in v:
         rows.append(("accuracy change", f"{v['accuracy_change']:+.4f}"))
     for t in receipt["tensors"]:
