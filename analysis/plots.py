@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from prunekit.analysis.probe import PHASES
 from prunekit.errors import RunDirError
 
 _UMASK = os.umask(0)
@@ -25,20 +26,94 @@ NTK_FILE = "ntk.jsonl"
 PLOTS_DIR = "plots"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """Parsed lines of a JSON-lines file (blank lines skipped); RunDirError on a bad line."""
+# What each line must hold: key -> (required?, allowed types). Numbers may be null (not
+# measured) or NaN; unknown keys are ignored, so newer runs still plot.
+_NUMBER = (int, float, type(None))
+_METRICS_SCHEMA = {
+    "step": (True, (int,)),
+    "sparsity": (True, _NUMBER),
+    "loss_after_prune": (True, _NUMBER),
+    "loss_after_finetune": (True, _NUMBER),
+    "accuracy_after_prune": (False, _NUMBER),
+    "accuracy": (False, _NUMBER),
+    "cosine_after_prune": (False, _NUMBER),
+    "cosine": (False, _NUMBER),
+    "per_layer": (False, (dict, type(None))),
+}
+_NTK_SCHEMA = {
+    "step": (True, (int,)),
+    "phase": (True, (str,)),
+    "iteration": (False, (int, type(None))),
+    "sparsity": (False, _NUMBER),
+    "alignment_train": (False, _NUMBER),
+    "alignment_val": (False, _NUMBER),
+    "per_layer_train": (False, (dict, type(None))),
+}
+
+
+def _is(value, types: tuple) -> bool:
+    """isinstance, except that JSON true/false are not numbers."""
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def _type_names(types: tuple) -> str:
+    """'an integer', 'a number or null', ... for messages."""
+    names = {int: "integer", float: "number", str: "string", dict: "object", type(None): "null"}
+    if float in types:
+        types = tuple(t for t in types if t is not int)  # 'number' covers integers
+    text = " or ".join(names[t] for t in types)
+    return ("an " if text[0] in "aeiou" else "a ") + text
+
+
+def _check_row(row: dict, schema: dict, where: str) -> None:
+    """RunDirError naming the line and key when ``row`` lacks a key or has a wrong type."""
+    for key, (required, types) in schema.items():
+        if key not in row:
+            if required:
+                raise RunDirError(f"{where} lacks the key {key!r} (a prunekit run has it)")
+            continue
+        value = row[key]
+        if not _is(value, types):
+            raise RunDirError(
+                f"{where}: {key!r} is {json.dumps(value)[:40]}, not {_type_names(types)}"
+            )
+        if isinstance(value, dict) and not all(_is(v, _NUMBER) for v in value.values()):
+            raise RunDirError(f"{where}: {key!r} must map layer names to numbers or null")
+    if row["step"] < 0:
+        raise RunDirError(f"{where}: 'step' is {row['step']}, not a step number >= 0")
+    if "phase" in schema and row["phase"] not in PHASES:
+        raise RunDirError(f"{where}: 'phase' is {row['phase']!r}, not one of {', '.join(PHASES)}")
+
+
+def _read_jsonl(path: Path, schema: dict) -> list[dict]:
+    """Parsed, checked lines of a JSON-lines file (blank lines skipped).
+
+    RunDirError (one line naming the file and line number) for a file that cannot be read
+    or is not UTF-8, a line that is not a JSON object, or a line ``schema`` refuses.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise RunDirError(f"{path}: cannot read ({err.strerror or err})") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(raw.splitlines(), start=1):
+        where = f"{path}: line {number}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RunDirError(f"{where} is not UTF-8 text") from None
+        if not text.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(text)
         except json.JSONDecodeError as err:
-            raise RunDirError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+            raise RunDirError(f"{where} is not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise RunDirError(f"{path}: line {number} is not a JSON object")
-        rows.append(row)
-    return rows
+            raise RunDirError(f"{where} is not a JSON object")
+        rows.append((where, row))
+    for where, row in rows:  # syntax first: a broken line outranks a key lacking earlier
+        _check_row(row, schema, where)
+    return [row for _, row in rows]
 
 
 def _value(value) -> float:
@@ -48,7 +123,10 @@ def _value(value) -> float:
 
 def _save(fig, path: Path) -> Path:
     """Render ``fig`` to ``path`` atomically: a temporary file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    except OSError as err:  # a read-only run directory, a full disk
+        raise RunDirError(f"cannot write {path} ({err.strerror or err})") from None
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110)
@@ -203,23 +281,20 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     second axis), ntk_alignment_finetune.png (alignment vs fine-tuning iteration, one line
     per step, only when records inside fine-tuning exist) and ntk_per_layer.png (heat map,
     layer x milestone). Without ntk.jsonl those are skipped and the skip is logged. Raises
-    RunDirError when metrics.jsonl is missing, empty or malformed.
+    RunDirError (see :func:`read_run`) before writing anything when the run's files are
+    missing or malformed.
     """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
     run_dir = Path(run_dir)
-    metrics_path = run_dir / METRICS_FILE
-    if not metrics_path.is_file():
-        raise RunDirError(f"{run_dir}: no {METRICS_FILE} (not a prunekit run directory?)")
-    metrics = sorted(_read_jsonl(metrics_path), key=lambda m: m.get("step", 0))
-    if not metrics:
-        raise RunDirError(f"{run_dir}: {METRICS_FILE} holds no steps")
+    metrics, records = read_run(run_dir)
     out = run_dir / PLOTS_DIR
-    out.mkdir(exist_ok=True)
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"cannot create {out} ({err.strerror or err})") from None
     written = [_plot_loss_accuracy(metrics, out), _plot_sparsity(metrics, out)]
-    ntk_path = run_dir / NTK_FILE
-    records = _read_jsonl(ntk_path) if ntk_path.is_file() else []
     if not records:
         log.info("%s: no NTK records in %s; NTK plots skipped", run_dir, NTK_FILE)
         return written
@@ -233,3 +308,27 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     written.append(_plot_per_layer_heatmap(records, out))
     log.info("%s: wrote %d plots to %s", run_dir, len(written), out)
     return written
+
+
+def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """(metrics rows sorted by step, NTK records) of a run directory, checked before any
+    plot is drawn: RunDirError (one line naming the folder, or the file and line) for a
+    missing folder, a folder without metrics.jsonl, or a malformed metrics.jsonl/ntk.jsonl
+    (not UTF-8, not JSON objects, missing keys, wrong value types, no steps)."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise RunDirError(f"run directory {str(run_dir)!r} does not exist")
+    if not run_dir.is_dir():
+        raise RunDirError(f"{str(run_dir)!r} is a file, not a run directory")
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise RunDirError(
+            f"{run_dir}: no {METRICS_FILE}, so not a prunekit run directory (a run holds "
+            f"{METRICS_FILE} and report.json)"
+        )
+    metrics = sorted(_read_jsonl(metrics_path, _METRICS_SCHEMA), key=lambda m: m["step"])
+    if not metrics:
+        raise RunDirError(f"{metrics_path}: holds no steps")
+    ntk_path = run_dir / NTK_FILE
+    records = _read_jsonl(ntk_path, _NTK_SCHEMA) if ntk_path.is_file() else []
+    return metrics, records
