@@ -19,7 +19,13 @@ from prunekit.criteria import fit_curvature, make_criterion
 from prunekit.criteria.capture import capture as _capture
 from prunekit.criteria.curvature import default_labels
 from prunekit.criteria.fisher import check_labels
-from prunekit.data import DataBundle, bundle_from_batches, check_data_fits, load_data
+from prunekit.data import (
+    DataBundle,
+    bundle_from_batches,
+    check_bundle,
+    check_data_fits,
+    load_data,
+)
 from prunekit.errors import SettingError, choice_error
 from prunekit.finetune import FinetuneSettings, evaluate, finetune
 from prunekit.loop import run_pruning
@@ -34,7 +40,7 @@ from prunekit.types import Masks, Task, make_task, take_rows
 def resolve_data(data, seed: int = 0) -> DataBundle:
     """A DataBundle from a spec string, a DataBundle, or an iterable of (inputs, targets)."""
     if isinstance(data, DataBundle):
-        return data
+        return check_bundle(data)
     if isinstance(data, str):
         return load_data(data, seed=seed)
     return bundle_from_batches(data, seed=seed)
@@ -177,7 +183,7 @@ def export_model(
     names ``published_path`` when the file is written in a work folder published later.
     """
     from prunekit.export import export_onnx as _export_onnx
-    from prunekit.export import write_receipt
+    from prunekit.export import exporter_log_path, write_receipt
 
     path = Path(path)
     x_val = take_rows(data.x_val, slice(0, 512))
@@ -194,7 +200,9 @@ def export_model(
         verify_targets=y_val,
         overwrite=overwrite,
     )
-    if published_path is not None:
+    if published_path is not None:  # written in a work folder, published later
         receipt["path"] = str(published_path)
+        if receipt.get("exporter_log"):
+            receipt["exporter_log"] = str(exporter_log_path(published_path))
     write_receipt(receipt, Path(receipt_path) if receipt_path else path.with_name("export.json"))
     return receipt

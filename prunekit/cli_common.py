@@ -87,7 +87,9 @@ def check_export_target(
         raise RunDirError(f"folder {str(path.parent)!r} of {str(path)!r} does not exist")
     if path.resolve() == source.resolve():
         raise RunDirError(f"{str(path)!r} is the input checkpoint; choose another path")
-    for existing in (path, receipt):
+    from prunekit.export import exporter_log_path
+
+    for existing in (path, receipt, exporter_log_path(path)):
         if existing is not None and existing.exists() and not overwrite:
             raise RunDirError(f"{str(existing)!r} exists; pass --overwrite or choose another path")
 
@@ -118,7 +120,8 @@ def distributed(device: str):
 
 
 def export_files(export: Path | None) -> tuple[str, ...]:
-    return () if export is None else (str(export), "export.json")
+    """Files an --export writes besides the run: the model, its receipt, the exporter log."""
+    return () if export is None else (str(export), "export.json", f"{export}.log")
 
 
 def show_receipt(receipt: dict) -> None:

@@ -87,7 +87,9 @@ def export_cmd(
         "values, decoded in-graph and constant-folded by onnxruntime).",
     ),
     quantize: str = typer.Option(None, help="int8: packed values as int8 with per-row scales."),
-    opset: int = typer.Option(None, help="ONNX opset (default 18)."),
+    opset: int = typer.Option(
+        None, help="ONNX opset: default 18; valid 7..23 (packed/sparse need >= 11, int8 >= 13)."
+    ),
     data: str = typer.Option(
         None, help="Data spec for the parity check (default: the one stored in the checkpoint)."
     ),
@@ -101,7 +103,7 @@ def export_cmd(
     from prunekit.data import check_data_fits
     from prunekit.export import check_modes
 
-    check_modes(storage, quantize)
+    check_modes(storage, quantize, opset)
     with trusting_code(trust_code):
         loaded = load(checkpoint, arch, trust_pickle)
         check_export_target(out, overwrite, checkpoint, receipt=out.with_name("export.json"))

@@ -627,7 +627,7 @@ model:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ("task:\n  spec: pk_no_such_mod:task\n", "does not import"),
+        ("task:\n  spec: pk_no_such_mod:task\n", "allow code named by files with --trust-code"),
         ("task:\n  distill_metric: mse\n", "only apply with task.loss: distill"),
         ("checks:\n  min_cosine: 0.9\n", "checks.min_cosine is measured only"),
         ("task:\n  loss: distill\n  distill_metric: cosine\nchecks:\n  max_accuracy_drop: 1\n",
@@ -641,6 +641,14 @@ def test_recipe_task_section_is_validated_before_any_work(tmp_path, cli, extra, 
     code, _, stderr = cli("validate", path)
     assert code == 2 and message in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_recipe_task_spec_with_trust_code_is_imported_and_checked(tmp_path, cli):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE + "task:\n  spec: pk_no_such_mod:task\n")
+    code, _, stderr = cli("validate", path, "--trust-code")
+    assert code == 2 and "does not import" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 2  # the --trust-code note, then the error
 
 
 def test_min_cosine_gate_reads_the_finetuned_cosine():

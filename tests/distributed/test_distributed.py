@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import prunekit.cli as cli
+import prunekit.cli_prune as cli_prune
 from prunekit.checkpoint import ARCH_KEY
 from prunekit.criteria import fit_curvature, mean_gradient
 from prunekit.models import mlp
@@ -107,7 +108,7 @@ def test_only_rank_zero_writes(checkpoint, tmp_path, monkeypatch):
     def as_rank_one(_device):
         yield 1
 
-    monkeypatch.setattr(cli, "_distributed", as_rank_one)
+    monkeypatch.setattr(cli_prune, "distributed", as_rank_one)
     out = tmp_path / "rank1"
     assert cli.main(["prune", str(checkpoint), *ARGS, "--out", str(out)]) == 0
     assert not out.exists()

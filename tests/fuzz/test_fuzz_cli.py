@@ -30,6 +30,8 @@ import torch
 import yaml
 from torch import nn
 
+from prunekit.rundir import partial_path
+
 from .conftest import (
     EXAMPLE_ARCH,
     Case,
@@ -1308,7 +1310,7 @@ def test_ctrl_c_exits_130_with_one_line_and_a_rerun_points_to_resume(ctx):
     _slow_recipe(ctx, steps=steps)
     run = ctx.path("run")
     proc = start_fresh(["run", "recipe.yaml", "--out", "run", "--quiet"], ctx.dir)
-    latest = run / "state" / "latest.json"
+    latest = partial_path(run) / "state" / "latest.json"  # `run` appears only when done
     deadline = time.monotonic() + 120
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
