@@ -6,12 +6,32 @@ rows a CLI prints. STORAGE_MODES / QUANTIZE_MODES list the valid CLI choices;
 SUPPORTED_OPSETS / OPSET_RANGES the opsets torch's exporters write, which
 ``check_modes(storage, quantize, opset)`` checks up front. What the exporters print goes
 to ``exporter_log_path(path)`` (``<path>.log``), never to the terminal.
+
+The mode names load without onnx (modes.py); everything else is imported on first use, so
+validating a recipe or printing --help never loads onnx or onnxruntime.
 """
 
-from .core import default_targets, export_onnx, exporter_log_path
-from .exporters import EXPORTERS, OPSET_RANGES, SUPPORTED_OPSETS
-from .receipt import MEMORY_NOTE, receipt_table, write_receipt
-from .storage import QUANTIZE_MODES, STORAGE_MODES, check_modes, pack, unpack
+from importlib import import_module
+
+from .modes import (
+    EXPORTERS,
+    OPSET_RANGES,
+    QUANTIZE_MODES,
+    STORAGE_MODES,
+    SUPPORTED_OPSETS,
+    check_modes,
+)
+
+_LAZY = {
+    "default_targets": "core",
+    "export_onnx": "core",
+    "exporter_log_path": "core",
+    "MEMORY_NOTE": "receipt",
+    "receipt_table": "receipt",
+    "write_receipt": "receipt",
+    "pack": "storage",
+    "unpack": "storage",
+}
 
 __all__ = [
     "EXPORTERS",
@@ -29,3 +49,10 @@ __all__ = [
     "unpack",
     "write_receipt",
 ]
+
+
+def __getattr__(name: str):
+    """Import the module that defines ``name`` on first use (PEP 562)."""
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

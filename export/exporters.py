@@ -6,7 +6,6 @@ import contextlib
 import inspect
 import io
 import logging
-import numbers
 import os
 import re
 import sys
@@ -23,24 +22,18 @@ from torch.export import Dim
 
 from prunekit.errors import ModelError, SettingError, choice_error
 
+from .modes import (  # noqa: F401 - re-exported: these names lived here
+    DEFAULT_OPSET,
+    EXPORTERS,
+    OPSET_RANGES,
+    SUPPORTED_OPSETS,
+    check_opset_supported,
+    opset_ranges,
+)
+
 log = logging.getLogger(__name__)
 
-EXPORTERS = ("torchscript", "dynamo")
-DEFAULT_OPSET = 18  # TorchScript and dynamo exporters both support it; >= 13 for int8
 OUTPUT = "output"
-
-#: exporter -> (lowest, highest) opset it writes as asked in torch 2.13, measured by exporting
-#: an MLP, a CNN with BatchNorm, an nn.LSTM and an nn.LSTMCell loop at opsets 5..29 and
-#: checking the written opset and onnxruntime parity. TorchScript (dynamo=False): 7..20,
-#: torch's own floor and ceiling (21..23 export under torch's "not supported" warning, 24 and
-#: up raise). dynamo: torchlib implements 18 and the ONNX version converter reaches 15..23
-#: (23 is torch's declared maximum); below 15 conversion fails for CNN/LSTM and the exporter
-#: silently keeps 18, which export_proto refuses rather than passing on.
-OPSET_RANGES = {"torchscript": (7, 20), "dynamo": (15, 23)}
-SUPPORTED_OPSETS = (
-    min(lo for lo, _ in OPSET_RANGES.values()),
-    max(hi for _, hi in OPSET_RANGES.values()),
-)
 
 # An example input: one tensor [N, ...] (graph input 'input'), or a dict name -> tensor [N, ...]
 # passed to the model as keyword arguments (graph inputs named after the keys, in order).
@@ -201,29 +194,6 @@ class Exported(NamedTuple):
     exporter: str
     log: str
     fallback: str | None
-
-
-def opset_ranges() -> str:
-    """'torchscript 7..20, dynamo 15..23': the opsets each exporter writes, for messages."""
-    return ", ".join(f"{k} {a}..{b}" for k, (a, b) in OPSET_RANGES.items())
-
-
-def check_opset_supported(opset: object, floor: int = 0, what: str = "") -> int:
-    """``opset`` as an int if some exporter of this torch writes it (``SUPPORTED_OPSETS``)
-    and it is >= ``floor`` (the storage mode's minimum, named by ``what``).
-
-    Raises SettingError naming the value and the valid range, per exporter.
-    """
-    lo, hi = SUPPORTED_OPSETS
-    lo = max(lo, floor)
-    whole = isinstance(opset, numbers.Integral) and not isinstance(opset, bool)  # not 18.0
-    if not whole or not lo <= opset <= hi:
-        version = torch.__version__.split("+")[0]
-        raise SettingError(
-            f"opset {opset!r} is not one torch {version}'s ONNX exporters write"
-            f"{' for ' + what if what else ''}; valid: {lo}..{hi} ({opset_ranges()})"
-        )
-    return int(opset)
 
 
 @contextmanager

@@ -17,53 +17,18 @@ zeros stay exactly zero).
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-from prunekit.errors import SettingError, choice_error
-
-from .exporters import SUPPORTED_OPSETS, check_opset_supported
-
-STORAGE_MODES = ("dense", "sparse", "packed")
-QUANTIZE_MODES = ("int8",)
-QUANT_STORAGE = {"int8": ("packed",)}  # storage modes a quantize mode works with
-MIN_OPSET = {"dense": 7, "sparse": 11, "packed": 11, "int8": 13}
+from .modes import (  # noqa: F401 - re-exported: these names lived here
+    MIN_OPSET,
+    QUANT_STORAGE,
+    QUANTIZE_MODES,
+    STORAGE_MODES,
+    check_modes,
+    check_opset,
+)
 
 MAX_DELTA = 255  # uint8
-
-
-def check_modes(storage: str, quantize: str | None, opset: int | None = None) -> None:
-    """Raise SettingError for an unknown storage/quantize name, a combination that fails,
-    or (when given) an opset the exporters do not write or the storage cannot decode in."""
-    if storage not in STORAGE_MODES:
-        raise choice_error("storage mode", storage, STORAGE_MODES)
-    if quantize is not None:
-        if quantize not in QUANTIZE_MODES:
-            raise choice_error("quantize mode", quantize, QUANTIZE_MODES)
-        if storage not in QUANT_STORAGE[quantize]:
-            valid = ", ".join(QUANT_STORAGE[quantize])
-            raise SettingError(
-                f"quantize {quantize!r} does not work with storage {storage!r}; use storage {valid}"
-            )
-    if opset is not None:
-        check_opset(opset, storage, quantize)
-
-
-def check_opset(opset: int, storage: str, quantize: str | None) -> None:
-    """Raise SettingError if ``opset`` lacks the operators the storage mode decodes with, or
-    no exporter of this torch writes it (exporters.SUPPORTED_OPSETS); the message gives the
-    valid range for this storage mode."""
-    need = max(MIN_OPSET[storage], MIN_OPSET[quantize] if quantize else 0)
-    lo, hi = SUPPORTED_OPSETS
-    what = f"storage {storage!r}" + (f" with quantize {quantize!r}" if quantize else "")
-    whole = isinstance(opset, numbers.Integral) and not isinstance(opset, bool)
-    if whole and opset < need:
-        raise SettingError(
-            f"opset {opset} is too old for {what}; use opset >= {need} (valid: {max(lo, need)}"
-            f"..{hi})"
-        )
-    check_opset_supported(opset, need, what)
 
 
 def pack(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

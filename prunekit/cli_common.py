@@ -171,7 +171,7 @@ def interrupted_line() -> str:
     done = getattr(bars, "steps_done", None)
     where = f"after step {done[0]} of {done[1]}" if done else "before the first pruning step"
     if resume:
-        return f"interrupted {where}; resume with: {resume}"
+        return f"interrupted {where}; resume with {resume}"
     if bars is not None:
         return f"interrupted {where}; nothing was written"
     return "interrupted"

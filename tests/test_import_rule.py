@@ -191,8 +191,14 @@ def test_pipeline_only_re_exports_the_modules_that_own_its_names():
             assert owner != "prunekit.pipeline", name
 
 
-def test_help_loads_neither_export_nor_plotting():
-    """`prunekit --help` stays fast: onnx, onnxruntime and matplotlib load only when used."""
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["prune", "--help"], ["validate", "recipes/ci-digits-obd.yaml"]],
+    ids=["help", "prune help", "validate"],
+)
+def test_help_and_validate_load_neither_export_nor_plotting(argv):
+    """`prunekit --help` and `prunekit validate` stay fast: onnx, onnxruntime and matplotlib
+    load only when an export or a plot is made."""
     import subprocess
     import sys
 
@@ -200,12 +206,17 @@ def test_help_loads_neither_export_nor_plotting():
         "import contextlib, io, sys\n"
         "from prunekit.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    main(['--help'])\n"
+        f"    assert main({argv!r}) == 0\n"
         "heavy = ('onnx', 'onnxruntime', 'onnxscript', 'matplotlib')\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=ROOT,
     )
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
 

@@ -290,7 +290,7 @@ def test_sigint_after_a_checkpoint_exits_130_and_resumes(tmp_path, recipe_file, 
     step = json.loads(latest.read_text())["step"]
     assert 1 <= step < STEPS  # stopped mid-run, after the first checkpoint
     assert stderr.strip() == (
-        f"error: interrupted after step {step} of {STEPS}; resume with: prunekit run "
+        f"error: interrupted after step {step} of {STEPS}; resume with prunekit run "
         f"{recipe_file} --out {out} --resume"
     )
     assert not out.exists()  # nothing half-written is ever visible as the run

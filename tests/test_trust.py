@@ -291,7 +291,7 @@ def test_interrupt_line_names_the_step_and_the_resume_command():
         bars("score", 3, 5)
         bars("steps", 3, 5)
         assert interrupted_line() == (
-            "interrupted after step 3 of 5; resume with: prunekit run r.yaml --out runs/r --resume"
+            "interrupted after step 3 of 5; resume with prunekit run r.yaml --out runs/r --resume"
         )
     with tracked_run(bars, None):
         assert interrupted_line().endswith("nothing was written")
