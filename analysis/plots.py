@@ -145,7 +145,9 @@ def _figure(ncols: int = 1):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def _plot_loss_accuracy(metrics: list[dict], out: Path) -> Path:
+def _plot_loss_accuracy(metrics: list[dict], out: Path, final: dict | None = None) -> Path:
+    """Loss (and accuracy / cosine) after prune and after fine-tuning per step; ``final``
+    (report.json's metrics.finetuned) is drawn as a star half a step after the last one."""
     steps = [m["step"] for m in metrics]
     panels = [("loss", "Loss", "loss_after_prune", "loss_after_finetune")]
     for key, title in (("accuracy", "Accuracy"), ("cosine", "Cosine similarity to dense")):
@@ -155,22 +157,63 @@ def _plot_loss_accuracy(metrics: list[dict], out: Path) -> Path:
     for ax, (ylabel, title, pruned, tuned) in zip(axes, panels, strict=True):
         for key, label in ((pruned, "after prune"), (tuned, "after FT")):
             ax.plot(steps, [_value(m.get(key)) for m in metrics], marker="o", label=label)
+        value = (final or {}).get(ylabel)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            ax.plot([steps[-1] + 0.5], [value], "k*", markersize=12, label="final FT")
         ax.set(xlabel="pruning step (0 = dense)", ylabel=ylabel, title=title)
         ax.legend()
     return _save(fig, out / "loss_accuracy.png")
 
 
+#: Layers drawn one line each; with more, the rest become one band (min..max) so the legend
+#: never covers the figure and colours never repeat.
+MAX_LAYER_LINES = 8
+
+
 def _plot_sparsity(metrics: list[dict], out: Path) -> Path:
+    """Per-layer and global fraction pruned vs step: the MAX_LAYER_LINES layers furthest from
+    the global sparsity at the end as lines, every other layer inside a grey band."""
     fig, (ax,) = _figure()
     steps = [m["step"] for m in metrics]
     names = list(dict.fromkeys(n for m in metrics for n in (m.get("per_layer") or {})))
-    for name in names:
-        ax.plot(steps, [_value((m.get("per_layer") or {}).get(name)) for m in metrics], label=name)
-    ax.plot(steps, [_value(m.get("sparsity")) for m in metrics], "k--", lw=2, label="global")
+    curves = {
+        n: [_value((m.get("per_layer") or {}).get(n)) for m in metrics] for n in names
+    }
+    overall = [_value(m.get("sparsity")) for m in metrics]
+    shown, rest = _split_layers(curves, overall[-1])
+    colours = matplotlib_colours(len(shown))
+    for name, colour in zip(shown, colours, strict=True):
+        ax.plot(steps, curves[name], color=colour, label=name)
+    if rest:
+        low = [min(curves[n][i] for n in rest) for i in range(len(steps))]
+        high = [max(curves[n][i] for n in rest) for i in range(len(steps))]
+        ax.fill_between(steps, low, high, color="0.6", alpha=0.35, label=f"{len(rest)} others")
+    ax.plot(steps, overall, "k--", lw=2, label="global")
     ax.set(xlabel="pruning step (0 = dense)", ylabel="fraction pruned", title="Sparsity")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, out / "sparsity.png")
+
+
+def _split_layers(curves: dict[str, list[float]], overall: float) -> tuple[list, list]:
+    """(layers drawn as lines, layers in the band): the ones whose final sparsity is furthest
+    from the global value are the ones worth naming."""
+    if len(curves) <= MAX_LAYER_LINES:
+        return list(curves), []
+    def distance(name: str) -> float:
+        last = curves[name][-1]
+        return abs(last - overall) if last == last else -1.0  # NaN (never pruned) last
+    ranked = sorted(curves, key=distance, reverse=True)
+    shown = set(ranked[:MAX_LAYER_LINES])
+    return [n for n in curves if n in shown], [n for n in curves if n not in shown]
+
+
+def matplotlib_colours(count: int) -> list:
+    """``count`` distinct colours (tab10, then tab20 beyond ten)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(count)]
 
 
 def _milestones(records: list[dict]) -> list[dict]:
@@ -294,7 +337,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         out.mkdir(exist_ok=True)
     except OSError as err:
         raise RunDirError(f"cannot create {out} ({err.strerror or err})") from None
-    written = [_plot_loss_accuracy(metrics, out), _plot_sparsity(metrics, out)]
+    final = _final_metrics(run_dir)
+    written = [_plot_loss_accuracy(metrics, out, final), _plot_sparsity(metrics, out)]
     if not records:
         log.info("%s: no NTK records in %s; NTK plots skipped", run_dir, NTK_FILE)
         return written
@@ -308,6 +352,17 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     written.append(_plot_per_layer_heatmap(records, out))
     log.info("%s: wrote %d plots to %s", run_dir, len(written), out)
     return written
+
+
+def _final_metrics(run_dir: Path) -> dict | None:
+    """report.json's metrics after the final fine-tune, or None when the run has no readable
+    report (plots of a run still being written draw without the final point)."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        final = report["metrics"]["finetuned"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return final if isinstance(final, dict) else None
 
 
 def read_run(run_dir: str | Path) -> tuple[list[dict], list[dict]]:

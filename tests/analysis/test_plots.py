@@ -88,3 +88,37 @@ def test_plot_run_errors_name_the_directory(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\nnot json\n')
     with pytest.raises(RunDirError, match="line 2"):
         plot_run(tmp_path)
+
+
+def test_many_layers_become_named_outliers_plus_a_band():
+    from prunekit.analysis.plots import MAX_LAYER_LINES, _split_layers
+
+    curves = {f"l{i}.weight": [0.0, 0.5 + i / 100] for i in range(30)}
+    curves["odd.weight"] = [0.0, 0.05]  # the layer furthest from the global sparsity
+    shown, rest = _split_layers(curves, overall=0.6)
+    assert len(shown) == MAX_LAYER_LINES and len(rest) == 31 - MAX_LAYER_LINES
+    assert "odd.weight" in shown and "l29.weight" in shown  # the two extremes are named
+    assert "l10.weight" in rest  # 0.60: exactly the global value
+    few = {k: curves[k] for k in list(curves)[:3]}
+    assert _split_layers(few, 0.6) == (list(few), [])
+
+
+def test_loss_plot_reads_the_final_finetune_from_the_report(tmp_path, monkeypatch):
+    import prunekit.analysis.plots as plots
+
+    _write_jsonl(tmp_path / "metrics.jsonl", _metrics())
+    seen = []
+    original = plots._plot_loss_accuracy
+    monkeypatch.setattr(
+        plots,
+        "_plot_loss_accuracy",
+        lambda m, o, final=None: seen.append(final) or original(m, o, final),
+    )
+    plot_run(tmp_path)
+    (tmp_path / "report.json").write_text(
+        json.dumps({"metrics": {"finetuned": {"loss": 0.25, "accuracy": 0.9}}})
+    )
+    plot_run(tmp_path)
+    (tmp_path / "report.json").write_text("{not json")
+    plot_run(tmp_path)  # a broken report only drops the final point
+    assert seen == [None, {"loss": 0.25, "accuracy": 0.9}, None]
