@@ -33,6 +33,7 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
         )
     check_data_fits(model, data, task)
     labels = resolved_labels(crit, task) if crit.uses_curvature else None
+    check_no_idle_settings(settings, crit, labels)
     _check_distill_gradients(settings.criterion, crit, task, labels)
     if crit.uses_curvature:
         _check_label_source(labels, task, data, crit.samples)
@@ -47,6 +48,35 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
     targets = find_targets(model, settings.include, settings.exclude, settings.embeddings)
     return crit, sparsities, targets
+
+
+def check_no_idle_settings(settings: PruneSettings, crit, labels: str | None) -> None:
+    """Refuse a setting that would silently do nothing for the chosen criterion (e.g.
+    ``--criterion magnitude --fisher ekfac``): a user who typed it expected an effect.
+
+    labels: the Fisher labels the run will use (None for criteria without curvature)."""
+    name = settings.criterion
+    curvature = ("fisher", "labels") if not crit.uses_curvature else ()
+    for key in curvature:
+        if getattr(settings, key) is not None:
+            flag = "--fisher" if key == "fisher" else "--fisher-labels"
+            raise SettingError(
+                f"{flag} {getattr(settings, key)!r} does nothing with criterion {name!r}, which "
+                "uses no curvature; drop it, or choose a curvature criterion (obd, qm, obs)"
+            )
+    if settings.samples > 1 and labels != "sampled":
+        raise SettingError(
+            f"--fisher-samples {settings.samples} does nothing without --fisher-labels sampled "
+            f"(criterion {name!r} uses labels {labels!r})"
+        )
+    ekfac_only = {"--refit-basis-every": settings.refit_basis_every, "--masked-scaling": None}
+    ekfac_only["--masked-scaling"] = settings.masked_scaling or None
+    for flag, value in ekfac_only.items():
+        if value and (not crit.uses_curvature or crit.fisher != "ekfac"):
+            raise SettingError(
+                f"{flag} {value!r} applies to the ekfac estimator only; criterion {name!r} "
+                f"uses {crit.fisher if crit.uses_curvature else 'no curvature'!r}"
+            )
 
 
 def _check_distill_gradients(name: str, crit, task: Task, labels: str | None) -> None:
