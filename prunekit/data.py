@@ -27,6 +27,7 @@ import dataclasses
 import gzip
 import importlib
 import importlib.util
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,8 @@ class DataBundle:
     y_*: class indices (N,) int64 for classification, float32 targets for regression,
     None for inputs-only data, or a dict of tensors (distillation: teacher outputs and
     labels); kind: one of DATA_KINDS; num_classes: number of classes
-    (0 otherwise); name: the spec it came from.
+    (0 otherwise); name: the spec it came from; split: where the validation part came
+    from: 'explicit' (given) or 'random 80/20 (seed S)' (a seeded split, ``split_label``).
     """
 
     x_train: Inputs
@@ -69,6 +71,7 @@ class DataBundle:
     kind: str
     num_classes: int
     name: str
+    split: str = "explicit"
 
     @property
     def n_train(self) -> int:
@@ -160,11 +163,27 @@ def _parse_query(spec: str) -> tuple[str, dict[str, str]]:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and suggest allow_pickle
+        raise DataError(
+            f"data file {str(path)!r} is not an .npz archive (np.savez writes one with arrays "
+            "x, y, optional x_val, y_val)"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
+    except ValueError as exc:  # object arrays: never unpickled
+        if "pickle" not in str(exc).lower():
+            raise _unreadable(path, exc) from exc
+        raise DataError(
+            f"data file {str(path)!r} holds object arrays (pickled Python objects), which "
+            "prunekit never loads; save numeric arrays (np.savez with int/float dtypes)"
+        ) from exc
     except Exception as exc:  # numpy raises many types for corrupt archives
-        raise DataError(f"cannot read data file {str(path)!r} as .npz: {first_line(exc)}") from exc
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    return DataError(f"cannot read data file {str(path)!r} as .npz: {first_line(exc)}")
 
 
 def _from_npz(path: Path) -> tuple:
@@ -300,6 +319,12 @@ def check_bundle(data: DataBundle) -> DataBundle:
     return data
 
 
+def split_label(val_fraction: float, seed: int) -> str:
+    """How a seeded split is reported: 'random 80/20 (seed 0)' for val_fraction 0.2."""
+    val = round(100 * val_fraction, 1)
+    return f"random {100 - val:g}/{val:g} (seed {seed})"
+
+
 def _split(x, y, val_fraction: float, seed: int):
     rng = np.random.default_rng(seed)
     order = rng.permutation(rows(x))
@@ -344,6 +369,7 @@ def _bundle(
     keep_int=False,
 ):  # fmt: skip
     x, y, x_val, y_val = checked_arrays(x, y, x_val, y_val, name, val_fraction)
+    split = "explicit" if x_val is not None else split_label(val_fraction, seed)
     if x_val is None:
         x, y, x_val, y_val = _split(x, y, val_fraction, seed)
     kind = "inputs" if y is None else kind_of(y)
@@ -353,7 +379,7 @@ def _bundle(
     y_t, yv_t = _targets(y, kind), _targets(y_val, kind)
     classes = int(max(y_t.max(), yv_t.max())) + 1 if kind == "classification" else 0
     x_t, xv_t = _inputs(x, stats, keep_int), _inputs(x_val, stats, keep_int)
-    return DataBundle(x_t, y_t, xv_t, yv_t, kind, classes, name)
+    return DataBundle(x_t, y_t, xv_t, yv_t, kind, classes, name, split)
 
 
 def load_data(spec: str, seed: int = 0, val_fraction: float = 0.2) -> DataBundle:
@@ -406,21 +432,36 @@ def _concat(parts: list, what: str):
         raise DataError(f"data batches' {what} do not stack: {first_line(exc)}") from exc
 
 
-def bundle_from_batches(batches, val_fraction: float = 0.2, seed: int = 0) -> DataBundle:
+def _stacked(batches, what: str) -> tuple:
+    """(inputs, targets or None) of all the batches, in order; DataError if they differ."""
+    parts = [_batch_parts(b) for b in batches]
+    if not parts:
+        raise DataError(f"{what} holds no batches")
+    labelled = {y is not None for _, y in parts}
+    if len(labelled) != 1:
+        raise DataError(f"{what} batches mix (inputs, targets) pairs and inputs-only batches")
+    x = _concat([p[0] for p in parts], "inputs")
+    y = _concat([p[1] for p in parts], "targets") if labelled == {True} else None
+    return x, y
+
+
+def bundle_from_batches(batches, val_fraction: float = 0.2, seed: int = 0, val=None) -> DataBundle:
     """A DataBundle from an iterable of batches (the Python API's data).
 
     Each batch is ``(inputs, targets)`` or inputs alone; inputs are a tensor or a dict of
     tensors (integer tensors, e.g. token ids, keep an int64 dtype; others become float32).
-    All batches must have the same form.
+    All batches must have the same form. val: validation batches in the same form (the
+    bundle's split is then 'explicit'); None = a seeded random split of ``batches``
+    (``val_fraction`` of the examples, ``seed``), reported as 'random 80/20 (seed S)'.
     """
-    parts = [_batch_parts(b) for b in batches]
-    if not parts:
-        raise DataError("data holds no batches")
-    labelled = {y is not None for _, y in parts}
-    if len(labelled) != 1:
-        raise DataError("data batches mix (inputs, targets) pairs and inputs-only batches")
-    x = _concat([p[0] for p in parts], "inputs")
-    y = _concat([p[1] for p in parts], "targets") if labelled == {True} else None
-    return _bundle(x, y, None, None, "batches", seed, val_fraction, keep_int=True)
-
-
+    x, y = _stacked(batches, "data")
+    x_val = y_val = None
+    if val is not None:
+        x_val, y_val = _stacked(val, "val")
+        if (y is None) != (y_val is None):
+            has, lacks = ("data", "val") if y_val is None else ("val", "data")
+            raise DataError(
+                f"{has} batches are (inputs, targets) pairs but {lacks} batches are inputs "
+                "only; give both in the same form"
+            )
+    return _bundle(x, y, x_val, y_val, "batches", seed, val_fraction, keep_int=True)

@@ -514,3 +514,22 @@ def test_export_with_nan_data_exits_2_before_exporting(tmp_path, model_file, cap
                      with_arrays(tmp_path, x=x))  # fmt: skip
     assert "x holds 1 non-finite value" in line
     assert not onnx_path.exists() and not (tmp_path / "export.json").exists()
+
+
+def test_a_text_file_named_npz_and_object_arrays_say_what_is_wrong(tmp_path):
+    """No numpy hint about allow_pickle: prunekit never unpickles data."""
+    import numpy as np
+
+    from prunekit.data import load_data
+    from prunekit.errors import DataError
+
+    text = tmp_path / "data.npz"
+    text.write_text("hello")
+    with pytest.raises(DataError, match="is not an .npz archive") as info:
+        load_data(str(text))
+    assert "allow_pickle" not in str(info.value)
+    objects = tmp_path / "obj.npz"
+    np.savez(objects, x=np.array([{"a": 1}] * 5, dtype=object), y=np.arange(5))
+    with pytest.raises(DataError, match="object arrays") as info:
+        load_data(str(objects))
+    assert "allow_pickle" not in str(info.value)
