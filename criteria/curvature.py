@@ -24,7 +24,7 @@ from prunekit.criteria.diag import Diag, fit_diag
 from prunekit.criteria.ekfac import EKFAC, EKFACBasis, fit_ekfac, refit_scaling
 from prunekit.criteria.kfac import KFAC, fit_kfac, split_targets
 from prunekit.errors import choice_error, int_setting
-from prunekit.types import Batch, Masks, Target, Task
+from prunekit.types import Batch, LabelKey, Masks, Target, Task
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def fit_curvature(
     *,
     labels: str | None = None,
     samples: int = 1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | LabelKey | None = None,
     masks: Masks | None = None,
     cache: dict | None = None,
     refit_basis_every: int = 0,
@@ -101,6 +101,8 @@ def fit_curvature(
     weight's own diagonal entry does not change anything else). cache: a dict the caller
     keeps across pruning steps; with 'ekfac' it holds the eigenbasis, refit every
     ``refit_basis_every`` steps (0 = only at the first call), S being refit every call.
+    generator: sampled labels' key (``types.LabelKey``: seed, step, example numbering), or
+    a torch.Generator whose one draw seeds a key; None = seed 0.
     """
     if estimator not in ESTIMATORS:
         raise choice_error("Fisher estimator", estimator, ESTIMATORS)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.criteria.fisher import squared_gradient_sums
-from prunekit.types import Batch, Target, Task
+from prunekit.types import Batch, LabelKey, Target, Task
 
 
 def damping_value(values: Tensor, damping: float, absolute: float) -> float:
@@ -54,8 +54,12 @@ def fit_diag(
     *,
     labels: str = "exact",
     samples: int = 1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | LabelKey | None = None,
 ) -> Diag:
-    """Fit the diagonal Fisher of every target (see ``criteria.fisher`` for label modes)."""
+    """Fit the diagonal Fisher of every target (see ``criteria.fisher`` for label modes).
+
+    generator: where sampled labels come from (a ``LabelKey``, or a torch.Generator whose
+    one draw seeds one); each example's labels are keyed by its index, not its batch.
+    """
     sums, seen = squared_gradient_sums(model, task, targets, batches, labels, samples, generator)
     return Diag({n: s / seen for n, s in sums.items()}, labels, seen)

@@ -18,8 +18,9 @@ S from data. Between pruning steps keep ``ekfac.basis`` and call ``refit_scaling
 
 Cost. ``fit_ekfac`` runs ONE forward/backward pass: the activation and gradient rows of
 the factor pass are kept (within ``cache_bytes``) and S is fitted from them after the
-eigendecomposition. Layers whose rows do not fit get a second pass that replays the
-same labels (the generator state is restored), so both routes give the same S.
+eigendecomposition. Layers whose rows do not fit get a second pass that draws the same
+labels (sampled labels are keyed by example, ``types.LabelKey``), so both routes give
+the same S.
 Without a mask and with one position (Linear on 2-D inputs) S is one matmul per batch,
 ``(g U_G)^2^T (a U_A)^2``; with positions (convs) or a mask, per-example gradients are
 built in bounded chunks and projected with one GEMM per group and side. The
@@ -57,7 +58,7 @@ from prunekit.criteria.kfac import (
     stream_rows,
 )
 from prunekit.errors import DataError, ModelError
-from prunekit.types import Batch, Masks, Target, Task, all_reduce_sums
+from prunekit.types import Batch, LabelKey, Masks, Target, Task, all_reduce_sums
 
 # Largest number of per-example gradient entries built at once (~32 MB float32; the masked
 # projection holds about three such buffers).
@@ -222,7 +223,7 @@ def fit_scaling(
     *,
     labels: str,
     samples: int,
-    generator: torch.Generator,
+    generator: torch.Generator | LabelKey,
     masks: Masks | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """(S per target of ``basis`` (g, o, i'), examples seen); one streamed pass.
@@ -283,7 +284,7 @@ def refit_scaling(
     *,
     labels: str = "sampled",
     samples: int = 1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | LabelKey | None = None,
     masks: Masks | None = None,
 ) -> EKFAC:
     """Keep the eigenbasis of ``curvature`` and fit S (and the diag fallback) on the data.
@@ -293,7 +294,7 @@ def refit_scaling(
     nothing to S. Model state is left untouched.
     """
     check_labels(labels, task, samples)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    gen = LabelKey.of(generator)  # one key: the diag fallback draws the same labels
     basis = curvature.basis if isinstance(curvature, EKFAC) else curvature
     layers, rest = split_targets(model, targets)
     basis = _check_basis(basis, layers)
@@ -367,13 +368,6 @@ class RowCache:
         return {t: acc / seen for t, acc in out.items()}
 
 
-def _replay(gen: torch.Generator) -> torch.Generator:
-    """A new generator in ``gen``'s current state: it draws the same labels again."""
-    copy = torch.Generator(device=gen.device)
-    copy.set_state(gen.get_state())
-    return copy
-
-
 def fit_ekfac(
     model: nn.Module,
     task: Task,
@@ -382,7 +376,7 @@ def fit_ekfac(
     *,
     labels: str = "sampled",
     samples: int = 1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | LabelKey | None = None,
     masks: Masks | None = None,
     cache_bytes: int = CACHE_BYTES,
 ) -> EKFAC:
@@ -390,21 +384,20 @@ def fit_ekfac(
 
     Labels as in ``fit_kfac``. The rows of the factor pass are kept (``RowCache``, at most
     ``cache_bytes``; 0 = keep none) and S is fitted from them, so basis and S see the same
-    examples and labels. Targets whose rows do not fit get a second streamed pass with the
-    generator replayed to its state before the first (same labels, same S). A one-shot
+    examples and labels. Targets whose rows do not fit get a second streamed pass that
+    draws the same labels (keyed by example: ``types.LabelKey``), so the same S. A one-shot
     iterable of batches is materialised (it may be read twice). masks (True = keep):
     pruned weights contribute nothing to S (the basis is fitted unmasked). Extra memory:
     O(sum in'^2 + out^2) per layer, one batch of rows, and the cache.
     """
     check_labels(labels, task, samples)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    gen = LabelKey.of(generator)  # every pass below draws the same labels from this key
     batches = reiterable(batches)
     layers, rest = split_targets(model, targets)
     kw = {"labels": labels, "samples": samples}
     if not layers:
         basis = EKFACBasis({}, {}, {}, {}, {})
         return refit_scaling(basis, model, task, targets, batches, generator=gen, **kw)
-    replay = _replay(gen)
     cache = RowCache(layers, cache_bytes)
     a, g, seen = fit_factors(model, task, layers, batches, generator=gen, keep=cache, **kw)
     basis = eigenbasis(KFAC(layers, a, g, None, labels, seen))
@@ -413,7 +406,7 @@ def fit_ekfac(
     missing = {t: ly for t, ly in layers.items() if t not in scaling}
     if missing:
         sub = _check_basis(basis, missing)
-        more, _ = fit_scaling(model, task, sub, batches, generator=replay, masks=masks, **kw)
+        more, _ = fit_scaling(model, task, sub, batches, generator=gen, masks=masks, **kw)
         scaling.update(more)
     fallback = None
     if rest:

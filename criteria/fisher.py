@@ -3,7 +3,9 @@
 Labels (where the per-example gradient's targets come from):
 - ``exact``: expectation over the model's predictive distribution, one backward per class
   weighted by sqrt(p_c) (the true Fisher; classification only);
-- ``sampled``: ``samples`` targets drawn from the model per example (Monte Carlo true Fisher);
+- ``sampled``: ``samples`` targets drawn from the model per example (Monte Carlo true
+  Fisher), each example's from a stream keyed by (seed, step, example index)
+  (``types.LabelKey``), so batch size and number of processes never change them;
 - ``empirical``: the data's own targets (the empirical Fisher).
 
 The diagonal is (1/N) sum_i sum_terms (d term_i / d theta)^2 over all N examples seen, so a
@@ -40,7 +42,7 @@ from prunekit.criteria.persample import (
 )
 from prunekit.criteria.unrolled import functional_twin
 from prunekit.errors import DataError, SettingError, choice_error, int_setting
-from prunekit.types import Batch, Target, Task, all_reduce_sums, batch_size
+from prunekit.types import Batch, LabelKey, Target, Task, all_reduce_sums, batch_size
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +63,23 @@ def check_labels(labels: str, task: Task, samples: int = 1) -> None:
 
 
 def label_sets(
-    task: Task, outputs: Tensor, batch: Batch, labels: str, samples: int, gen: torch.Generator
-) -> list[Tensor] | None:
-    """Targets of each per-example term for one batch; None means exact (all classes)."""
+    task: Task, outputs: Tensor, batch: Batch, labels: str, samples: int, key: LabelKey,
+    start: int,
+) -> list[Tensor] | None:  # fmt: skip
+    """Targets of each per-example term for one batch; None means exact (all classes).
+
+    Sampled labels: draw s of the batch's local examples start .. start+N-1 comes from
+    ``key.draws(start, N, s)`` (``Task.sample_examples``): keyed by seed, step and global
+    example index, so the labels do not depend on the batching or the number of processes.
+    """
     if labels == "empirical":
         try:
             return [task.targets(batch)]
         except (IndexError, KeyError, TypeError) as exc:
             raise DataError("Fisher labels 'empirical' need data with labels") from exc
     if labels == "sampled":
-        return [task.sample(outputs, gen) for _ in range(samples)]
+        n = batch_size(batch)
+        return [task.sample_examples(outputs, key.draws(start, n, s)) for s in range(samples)]
     return None
 
 
@@ -256,7 +265,7 @@ def squared_gradient_sums(
     batches: Iterable[Batch],
     labels: str = "exact",
     samples: int = 1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | LabelKey | None = None,
 ) -> tuple[dict[str, Tensor], int]:
     """(sum over examples and label terms of squared per-example gradients, examples seen).
 
@@ -264,10 +273,11 @@ def squared_gradient_sums(
     Conv and Embedding weights go through hooks (one backward per label term per batch);
     any other target (and tied weights, or layers fed non-batch-first inputs) through the
     exact per-example path. The task's ``position_mask`` (read once per batch) drops padded
-    positions (module docstring). Model state is left untouched.
+    positions (module docstring). Sampled labels are keyed by example
+    (``LabelKey.of(generator)``, see ``label_sets``). Model state is left untouched.
     """
     check_labels(labels, task, samples)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    key = LabelKey.of(generator)
     params = dict(model.named_parameters())
     acc = {n: _accumulator(params[n]) for n in targets}
     fast = _fast_modules(model, targets)
@@ -279,7 +289,7 @@ def squared_gradient_sums(
             n_batch = batch_size(batch)
             mask = task.position_mask(batch)  # (N, T) or None, once per batch
             outputs = task.forward(model, batch)
-            sets = label_sets(task, outputs, batch, labels, samples, gen)
+            sets = label_sets(task, outputs, batch, labels, samples, key, seen)
             hooked = {n: m for n, m in fast.items() if _hookable(modules[m], rec, m, n_batch)}
             for term in term_values(task, outputs, sets, batch):
                 grads = rec.output_grads(term.sum(), sorted(set(hooked.values())))

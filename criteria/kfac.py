@@ -57,7 +57,7 @@ from prunekit.criteria.persample import (
     supports_fast_path,
 )
 from prunekit.errors import DataError, ModelError
-from prunekit.types import Batch, Target, Task, all_reduce_sums, batch_size
+from prunekit.types import Batch, LabelKey, Target, Task, all_reduce_sums, batch_size
 
 _FACTOR_KINDS = ("linear", "conv")
 
@@ -217,17 +217,20 @@ def stream_rows(
     *,
     labels: str,
     samples: int,
-    generator: torch.Generator,
+    generator: torch.Generator | LabelKey,
 ) -> Iterator[BatchRows]:
     """Per batch: its examples, activation rows, real positions and gradient rows per term.
 
     The task's ``position_mask(batch)`` (read once per batch) zeroes the rows of padded
     positions of Linear layers applied to (N, T, ...) sequences (``position_weights``).
-    Runs in ``scoring_mode``: no trace left. A layer the batch did not reach is absent.
+    Sampled labels are keyed by example (``fisher.label_sets``): every pass with the same
+    key draws the same labels. Runs in ``scoring_mode``: no trace left. A layer the batch
+    did not reach is absent.
     """
     modules = dict(model.named_modules())
     dtype = accumulator_dtype(model)
     by_module = {ly.module: ly for ly in layers.values()}
+    key, start = LabelKey.of(generator), 0
     with scoring_mode(model), capture(model, list(by_module)) as rec:
         for batch in batches:
             rec.clear()
@@ -245,7 +248,8 @@ def stream_rows(
                 acts[t], positions[t] = _layer_acts(
                     modules[m], by_module[m], rec.inputs[m], weights[m], dtype
                 )
-            sets = label_sets(task, outputs, batch, labels, samples, generator)
+            sets = label_sets(task, outputs, batch, labels, samples, key, start)
+            start += n
             terms = _term_rows(rec, modules, by_module, weights, task, outputs, sets, dtype, batch)
             yield BatchRows(n, acts, positions, terms)
             del outputs
@@ -296,7 +300,7 @@ def fit_factors(
     *,
     labels: str,
     samples: int,
-    generator: torch.Generator,
+    generator: torch.Generator | LabelKey,
     keep: Callable[[dict[str, Tensor], list[dict[str, Tensor]]], None] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
     """(A per target (groups, i', i'), G per target (groups, o, o), examples seen).
@@ -456,7 +460,7 @@ def fit_kfac(
     *,
     labels: str = "sampled",
     samples: int = 1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | LabelKey | None = None,
 ) -> KFAC:
     """Fit KFAC factors for every factorable target; ``diag`` for the others.
 
@@ -466,7 +470,7 @@ def fit_kfac(
     of activation rows. Model state is left untouched.
     """
     check_labels(labels, task, samples)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    gen = LabelKey.of(generator)  # one key: the diag fallback draws the factors' labels
     layers, rest = split_targets(model, targets)
     if rest and layers:
         batches = reiterable(batches)

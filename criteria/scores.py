@@ -29,7 +29,7 @@ from prunekit.criteria.curvature import (
 from prunekit.criteria.fisher import LABELS, check_labels, mean_gradient
 from prunekit.criteria.obs import obs_saliency
 from prunekit.errors import SettingError, choice_error
-from prunekit.types import Batch, Masks, Scores, Target, Task
+from prunekit.types import Batch, LabelKey, Masks, Scores, Target, Task
 
 
 def taylor_score(theta: Tensor, g: Tensor | None, d: Tensor | None, lam: float) -> Tensor:
@@ -105,7 +105,7 @@ class TaylorCriterion:
         task: Task,
         targets: dict[str, Target],
         batches: Iterable[Batch],
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | LabelKey | None = None,
         *,
         masks: Masks | None = None,
         cache: dict | None = None,
@@ -115,7 +115,8 @@ class TaylorCriterion:
         masks (True = keep): the current masks, so pruned weights contribute nothing to
         EKFAC's scaling. cache: one dict the caller keeps for a whole pruning run (EKFAC
         keeps its eigenbasis there, see ``refit_basis_every``); None = fit from scratch.
-        The result carries the fitted curvature (for ``obs_update``).
+        The result carries the fitted curvature (for ``obs_update``). generator: the
+        sampled labels' key (``types.LabelKey``; a pruning run keys it by seed and step).
         """
         params = dict(model.named_parameters())
         batches = list(batches) if self.uses_gradient or self.uses_curvature else []

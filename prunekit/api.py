@@ -26,24 +26,33 @@ from prunekit.data import (
     check_data_fits,
     load_data,
 )
-from prunekit.errors import SettingError, choice_error
+from prunekit.errors import SettingError, choice_error, int_setting
 from prunekit.finetune import FinetuneSettings, evaluate, finetune
 from prunekit.loop import run_pruning
 from prunekit.models import EXAMPLES
 from prunekit.prune.targets import find_targets
-from prunekit.report import write_run
+from prunekit.report import data_report, write_run
 from prunekit.settings import Progress, PruneResult, PruneSettings
 from prunekit.tasks import as_task, base_task
-from prunekit.types import Masks, Task, make_task, take_rows
+from prunekit.types import LabelKey, Masks, Task, make_task, take_rows
 
 
-def resolve_data(data, seed: int = 0) -> DataBundle:
-    """A DataBundle from a spec string, a DataBundle, or an iterable of (inputs, targets)."""
+def resolve_data(data, seed: int = 0, val=None) -> DataBundle:
+    """A DataBundle from a spec string, a DataBundle, or an iterable of batches.
+
+    Spec strings keep their documented seeded split; batches are split 80/20 at random
+    (``seed``) unless ``val`` gives the validation batches (same forms as ``data``).
+    """
+    if val is not None and isinstance(data, (str, DataBundle)):
+        raise SettingError(
+            "val= is for data given as batches; a spec string or a DataBundle brings its "
+            "own validation split"
+        )
     if isinstance(data, DataBundle):
         return check_bundle(data)
     if isinstance(data, str):
         return load_data(data, seed=seed)
-    return bundle_from_batches(data, seed=seed)
+    return bundle_from_batches(data, seed=seed, val=val)
 
 
 def train_example(name: str, seed: int = 0, progress: Progress | None = None):
@@ -74,32 +83,50 @@ def _settings_from(kwargs: dict) -> PruneSettings:
     return PruneSettings(**kwargs)
 
 
-def prune(model: nn.Module, data, task: Task | None = None, out=None, **settings) -> PruneResult:
+def prune(
+    model: nn.Module, data, task: Task | None = None, out=None, val=None, **settings
+) -> PruneResult:
     """Python API of `prunekit prune`: prune ``model`` in place.
 
     data: a spec string ('digits', 'mnist5k', 'synthetic', 'file.npz', 'module:function'),
     a DataBundle, or an iterable of batches ((inputs, targets) pairs or inputs alone;
-    tensors or dicts of tensors); task: a Task, or any object with forward(model, batch)
-    and loss(outputs, batch) (None = the built-in task for the data, or loss='distill');
-    settings: PruneSettings fields (criterion, sparsity, steps, loss, ...); out: optional
-    run directory to write.
+    tensors or dicts of tensors); val: validation batches in the same forms, for batches
+    given as data (None = a random 80/20 split of ``data`` with ``seed``; spec strings
+    and DataBundles bring their own split); report['data'] says which (``split``: 'explicit'
+    or 'random 80/20 (seed S)', ``train``, ``val``: example counts). task: a Task, or any
+    object with forward(model, batch) and loss(outputs, batch) (None = the built-in task
+    for the data, or loss='distill'); settings: PruneSettings fields (criterion, sparsity,
+    steps, loss, ...); out: optional run directory to write.
     The global torch RNG is seeded with ``seed`` (dropout during fine-tuning must be
     reproducible); save it with ``torch.get_rng_state()`` first if the caller needs it.
     """
     cfg = _settings_from(settings)
-    bundle = resolve_data(data, seed=cfg.seed)
+    bundle = resolve_data(data, seed=cfg.seed, val=val)
     result = run_pruning(model, bundle, cfg, task=task)
+    result.report["data"] = data_report(bundle)
     if out is not None:
         write_run(out, result, None, bundle.name)
     return result
 
 
-def _scoring_inputs(model, data, task, examples: int, include=(), exclude=()):
-    bundle = resolve_data(data)
+def _scoring_inputs(model, data, task, examples: int | None, include=(), exclude=()):
+    """(batches, task, targets) for score and fisher_diagonal.
+
+    Batches given as data are used whole and in order (no validation split); a spec
+    string or a DataBundle gives its training split. examples: the first N only (None =
+    all of them).
+    """
+    if examples is not None:
+        examples = int_setting(examples, "examples", 1, " (None = all)")
+    if isinstance(data, (str, DataBundle)):
+        bundle = resolve_data(data)
+    else:
+        items = list(data)  # one pass over an iterator; val repeats train, never used
+        bundle = bundle_from_batches(items, val=items)
     task = base_task("auto", bundle.kind, as_task(task) if task is not None else None)
     check_data_fits(model, bundle, task)
     targets = find_targets(model, tuple(include), tuple(exclude))
-    return bundle.first_train(examples), task, targets
+    return bundle.first_train(examples or bundle.n_train), task, targets
 
 
 def score(
@@ -107,15 +134,20 @@ def score(
     data,
     criterion: str = "obd",
     task: Task | None = None,
-    examples: int = 1000,
+    examples: int | None = None,
     seed: int = 0,
     **settings,
 ) -> dict[str, torch.Tensor]:
-    """Scores (higher = keep) of every target weight; settings are the criterion's fields."""
+    """Scores (higher = keep) of every target weight; settings are the criterion's fields.
+
+    Every example of ``data`` counts (batches: all, in order; a spec string or DataBundle:
+    its training split), or the first ``examples``. Sampled Fisher labels are keyed by
+    (seed, step 0, example index): the batching never changes them.
+    """
     crit = make_criterion(criterion, **settings)
     batches, task, targets = _scoring_inputs(model, data, task, examples)
-    gen = torch.Generator().manual_seed(seed)
-    return crit.evaluate(model, task, targets, batches, generator=gen).scores
+    key = LabelKey(seed=seed)
+    return crit.evaluate(model, task, targets, batches, generator=key).scores
 
 
 def fisher_diagonal(
@@ -124,7 +156,7 @@ def fisher_diagonal(
     estimator: str = "ekfac",
     labels: str | None = None,
     task: Task | None = None,
-    examples: int = 1000,
+    examples: int | None = None,
     samples: int = 1,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
@@ -132,13 +164,16 @@ def fisher_diagonal(
 
     estimator: 'ekfac', 'kfac' or 'diag' (the structure); labels: 'exact', 'sampled' or
     'empirical' (where the gradient's labels come from; None = the estimator's default).
+    The mean runs over every example of ``data`` (batches: all, in order; a spec string or
+    DataBundle: its training split), or the first ``examples``; sampled labels are keyed
+    by (seed, step 0, example index), so the batching never changes them.
     """
     batches, task, targets = _scoring_inputs(model, data, task, examples)
     labels = labels or default_labels(estimator, task)
     check_labels(labels, task, samples)
-    gen = torch.Generator().manual_seed(seed)
+    key = LabelKey(seed=seed)
     curvature = fit_curvature(
-        estimator, model, task, targets, batches, labels=labels, samples=samples, generator=gen
+        estimator, model, task, targets, batches, labels=labels, samples=samples, generator=key
     )
     return curvature.diagonal()
 

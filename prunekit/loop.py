@@ -33,7 +33,7 @@ from prunekit.finetune.bn import has_batchnorm, recalibrate_bn
 from prunekit.ntklog import NtkLog, ntk_log_for
 from prunekit.preflight import validate
 from prunekit.prune.masks import apply_masks, full_masks, next_masks, sparsity_of
-from prunekit.ranks import RankSlice, rank_and_world, score_batches_of
+from prunekit.ranks import RankSlice, label_key, rank_and_world, score_batches_of
 from prunekit.report import build_report, task_report
 from prunekit.resume import restore_state, resume_plan, save_state
 from prunekit.settings import Progress, PruneResult, PruneSettings, resolve_device
@@ -177,8 +177,9 @@ def _prune_step(run: _Run, crit, score_batches, k: int, target: float, n_steps: 
     t0 = time.perf_counter()
     model, task, settings = run.model, run.task, run.settings
     masks = run.masks if settings.masked_scaling else None
+    key = label_key(settings.seed, k)  # sampled labels keyed by (seed, step, example)
     scored = crit.evaluate(
-        model, task, run.targets, score_batches, generator=run.gen, masks=masks, cache=run.cache
+        model, task, run.targets, score_batches, generator=key, masks=masks, cache=run.cache
     )
     run.estimators = scored.estimators or run.estimators
     if run.progress:

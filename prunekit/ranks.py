@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from prunekit.data import DataBundle
-from prunekit.types import batch_to, num_rows, take_rows
+from prunekit.types import LabelKey, batch_to, num_rows, take_rows
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -49,3 +49,14 @@ def score_batches_of(data: DataBundle, examples: int, device, batch: int = 250) 
         batch_to(take_rows(x if y is None else (x, y), slice(i, i + batch)), device)
         for i in range(0, n, batch)
     ]
+
+
+def label_key(seed: int, step: int) -> LabelKey:
+    """The key of step ``step``'s sampled Fisher labels on this rank.
+
+    This rank's score batches hold examples rank, rank + world, ... of the score set
+    (``score_batches_of``), so its j-th example is global example rank + world * j: every
+    example gets the labels of a one-process run, whatever the world and batch sizes.
+    """
+    rank, world = rank_and_world()
+    return LabelKey(seed=seed, step=step, offset=rank, stride=world)

@@ -14,6 +14,7 @@ from torch import nn
 
 from prunekit.analysis.probe import save_probe
 from prunekit.checkpoint import ARCH_KEY
+from prunekit.data import DataBundle
 from prunekit.distill import TEACHER_FILE
 from prunekit.prune.masks import sparsity_of
 from prunekit.prune.state import save_masks, save_tensors, write_json, write_jsonl
@@ -104,6 +105,12 @@ def task_report(task: Task, settings: PruneSettings) -> dict:
     if task.kind == "distill":
         out.update(distill_metric=task.metric, temperature=task.temperature, variance=task.variance)
     return out
+
+
+def data_report(data: DataBundle) -> dict:
+    """report.json 'data': where validation came from ('explicit', or 'random 80/20 (seed
+    S)' for a seeded split) and the example counts of each part."""
+    return {"split": data.split, "train": data.n_train, "val": data.n_val}
 
 
 def write_run(out, result: PruneResult, arch: str | None, data_name: str) -> list:

@@ -97,6 +97,113 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+# Keyed random draws (design.md 5: every draw keyed by seed, step and example index) -------
+
+_M32 = 0xFFFFFFFF
+_MULT = 0x45D9F3B  # below 2**27: every product of a 32-bit value stays below 2**59 (int64)
+_GOLDEN = 0x9E3779B9
+_LABELS_TAG = 0x6C61626C  # 'labl': these streams are the Fisher's sampled labels
+
+
+def _mix32(x):
+    """A bijective 32-bit hash of ``x`` (an int, or an int64 tensor of values in [0, 2**32))."""
+    x = (((x >> 16) ^ x) * _MULT) & _M32
+    x = (((x >> 16) ^ x) * _MULT) & _M32
+    return (x >> 16) ^ x
+
+
+def _absorb(state, word):
+    """The hash state after taking in one 32-bit ``word`` (ints or int64 tensors); for a
+    fixed state it is a bijection of the word, so distinct keys never share a stream."""
+    return _mix32(((state ^ word) + _GOLDEN) & _M32)
+
+
+def _absorb_int(state: int, value: int) -> int:
+    """``state`` after taking in a Python int of up to 64 bits (two's complement)."""
+    value %= 2**64
+    return _absorb(_absorb(state, value & _M32), value >> 32)
+
+
+@dataclass(frozen=True)
+class ExampleDraws:
+    """Random numbers for ``n`` consecutive examples of one batch, one stream per example.
+
+    prefix: the hash of (seed, step, draw); first: the global index of the batch's first
+    example; stride: the global index step between its examples (``LabelKey.draws``).
+    Every value of example i is a function of (prefix, global index of i, element) alone:
+    splitting the same examples into other batches or processes gives the same numbers.
+    Tensors are built on the device asked for (no host round trip).
+    """
+
+    prefix: int
+    first: int
+    stride: int
+    n: int
+
+    def hashes(self, device=None) -> Tensor:
+        """(n,) int64: one 32-bit hash per example, from its global index."""
+        index = self.first + self.stride * torch.arange(self.n, device=device, dtype=torch.int64)
+        return _absorb(_absorb(self.prefix, index & _M32), index >> 32)
+
+    def uniform(self, shape: tuple[int, ...] = (), device=None, stream: int = 0) -> Tensor:
+        """(n, *shape) float64 in (0, 1): element e of example i from (i's hash, e, stream)."""
+        elements = torch.arange(math.prod(shape), device=device, dtype=torch.int64)
+        h = _absorb(_absorb(self.hashes(device)[:, None], elements[None, :]), stream)
+        return ((h.double() + 0.5) / 2.0**32).reshape(self.n, *shape)
+
+    def normal(self, shape: tuple[int, ...] = (), device=None) -> Tensor:
+        """(n, *shape) float64 standard normal values (Box-Muller on two keyed uniforms)."""
+        radius = torch.sqrt(-2.0 * torch.log(self.uniform(shape, device, 0)))
+        return radius * torch.cos(2.0 * math.pi * self.uniform(shape, device, 1))
+
+    def categorical(self, probs: Tensor) -> Tensor:
+        """One class per row of ``probs`` (n, C) (rows need not be normalised) -> (n,) int64,
+        by inverse CDF on the example's uniform: class c with probability probs[i, c]."""
+        cdf = probs.detach().double().cumsum(-1)
+        u = self.uniform((), probs.device) * cdf[:, -1]
+        return (cdf < u[:, None]).sum(-1).clamp_max(probs.shape[-1] - 1)
+
+    def generator(self, i: int) -> torch.Generator:
+        """A CPU generator seeded from example ``i``'s key alone (for a task's ``sample``)."""
+        index = self.first + self.stride * int(i)
+        h = _absorb(_absorb(self.prefix, index & _M32), index >> 32)
+        seed = (_absorb(h, 1) << 32) | _absorb(h, 2)
+        return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class LabelKey:
+    """Where sampled Fisher labels come from: draws keyed by (seed, step, example index).
+
+    A curvature pass numbers the examples it sees 0, 1, 2, ... in order; local example j
+    is global example ``offset + stride * j`` (a torchrun rank that holds examples
+    rank::world has offset=rank, stride=world). Labels therefore depend on neither the
+    batch size nor the number of processes, and a second pass draws the same labels again.
+    """
+
+    seed: int = 0
+    step: int = 0
+    offset: int = 0
+    stride: int = 1
+
+    def draws(self, start: int, n: int, draw: int = 0) -> ExampleDraws:
+        """The streams of local examples start .. start+n-1 for label draw ``draw``."""
+        prefix = _absorb_int(_absorb_int(_absorb(_LABELS_TAG, 0), self.seed), self.step)
+        prefix = _absorb_int(prefix, draw)
+        return ExampleDraws(prefix, self.offset + self.stride * int(start), self.stride, int(n))
+
+    @classmethod
+    def of(cls, source: LabelKey | torch.Generator | None) -> LabelKey:
+        """A key from a key (itself), None (seed 0) or a torch.Generator (its seed is one
+        draw of it, so the generator advances as sampling used to advance it)."""
+        if isinstance(source, LabelKey):
+            return source
+        if source is None:
+            return cls()
+        seed = torch.randint(0, 2**62, (1,), generator=source, device=source.device)
+        return cls(seed=int(seed))
+
+
 class Task:
     """The only model-specific glue: how to run the model on a batch and score its outputs.
 
@@ -104,6 +211,9 @@ class Task:
     ``loss(outputs, batch) -> scalar mean``, optionally ``sample(outputs, generator) ->
     targets`` (for the sampled true Fisher) and ``metrics(outputs, batch)``. Batches are a
     tensor, a dict of tensors, or ``(inputs, targets)`` with inputs a tensor or a dict.
+    The Fisher draws labels through ``sample_examples(outputs, draws)``, keyed per example
+    (``LabelKey``); its default calls ``sample`` once per example with that example's own
+    generator, so a user's ``sample`` gets batch-independent labels too.
 
     The Fisher estimators use ``example_losses`` (per-example losses whose sum is the
     batch's total), ``targets``/``with_targets`` (where the labels live in a batch) and, for
@@ -182,9 +292,33 @@ class Task:
         """Targets drawn from the model's predictive distribution, one per example."""
         raise NotImplementedError
 
+    def sample_examples(self, outputs: Any, draws: ExampleDraws) -> Any:
+        """Targets drawn from the predictive distribution, example i's from ``draws`` of
+        example i alone, so a label never depends on the batch it is in (design.md 5).
+
+        Default: ``sample`` on each example's outputs (a batch of one) with its own
+        ``draws.generator(i)``, concatenated along dim 0 (a loop; the built-in tasks
+        override it with one vectorised draw).
+        """
+        rows = [
+            self.sample(take_rows(outputs, slice(i, i + 1)), draws.generator(i))
+            for i in range(draws.n)
+        ]
+        return _cat_rows(rows)
+
     def metrics(self, outputs: Any, batch: Batch) -> dict[str, float]:
         """Sums over the batch: ``loss`` and, for classifiers, ``correct``."""
         return {"loss": float(self.example_losses(outputs, batch).detach().sum())}
+
+
+def _cat_rows(rows: list) -> Any:
+    """One batch from per-example results: tensors (or dicts/tuples of them) along dim 0."""
+    first = rows[0]
+    if isinstance(first, dict):
+        return {k: _cat_rows([r[k] for r in rows]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat_rows(list(part)) for part in zip(*rows, strict=True))
+    return torch.cat([torch.as_tensor(r) for r in rows])
 
 
 def sample_classes(logits: Tensor, generator: torch.Generator) -> Tensor:
@@ -230,6 +364,10 @@ class ClassificationTask(Task):
         """Labels drawn from softmax(outputs), shape (N,)."""
         return sample_classes(outputs, generator)
 
+    def sample_examples(self, outputs: Tensor, draws: ExampleDraws) -> Tensor:
+        """Labels drawn from softmax(outputs), shape (N,), keyed per example."""
+        return draws.categorical(torch.softmax(outputs.detach().double(), dim=-1))
+
     def metrics(self, outputs: Tensor, batch: Batch) -> dict[str, float]:
         """Loss sum and number of correct top-1 predictions."""
         targets = self.targets(batch)
@@ -256,6 +394,11 @@ class RegressionTask(Task):
         """Targets drawn from N(outputs, I)."""
         noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
         return outputs.detach() + noise.to(outputs.device)
+
+    def sample_examples(self, outputs: Tensor, draws: ExampleDraws) -> Tensor:
+        """Targets drawn from N(outputs, I), keyed per example."""
+        noise = draws.normal(tuple(outputs.shape[1:]), outputs.device)
+        return outputs.detach() + noise.to(outputs.dtype)
 
 
 def make_task(kind: str) -> Task:

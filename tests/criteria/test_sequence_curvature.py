@@ -22,7 +22,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from prunekit.criteria import fit_diag, fit_ekfac, fit_kfac, squared_gradient_sums
 from prunekit.prune.targets import find_targets
-from prunekit.types import ClassificationTask, RegressionTask
+from prunekit.types import ClassificationTask, LabelKey, RegressionTask
 
 VOCAB, DIM, CLASSES, T = 7, 4, 3, 5
 SEQ_LAYERS = ("proj", "mix")  # Linear layers applied to sequences (padding applies)
@@ -120,12 +120,14 @@ def _terms(task, out: Tensor, y, labels: str) -> Tensor:
 
 
 def _labels_for(task, model, batch, labels: str, seed: int):
-    """The labels the library uses: data labels, or one draw from a fresh generator."""
+    """The labels the library uses: data labels, or the draws keyed by a fresh generator's
+    seed (``LabelKey.of``), example i from its own stream."""
     if labels != "sampled":
         return batch[1]
     with torch.no_grad():
         outputs = task.forward(model, batch)
-    return task.sample(outputs, torch.Generator().manual_seed(seed))
+    key = LabelKey.of(torch.Generator().manual_seed(seed))
+    return task.sample_examples(outputs, key.draws(0, outputs.shape[0]))
 
 
 def per_example(model, task, batch, labels: str, detach=(), seed: int = 0):
