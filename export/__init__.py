@@ -1,8 +1,10 @@
 """prunekit.export: sparse ONNX export that onnxruntime runs, with a verified receipt.
 
 ``export_onnx(model, path, example_input, storage="packed", ...) -> receipt dict``;
-``write_receipt(receipt, path)`` writes export.json; ``receipt_table(receipt)`` gives the
-rows a CLI prints. STORAGE_MODES / QUANTIZE_MODES list the valid CLI choices;
+``write_receipt(receipt, receipt_path(path))`` writes it beside the model (``model.onnx``
+-> ``model.onnx.json``); ``receipt_table(receipt)`` gives the rows a CLI prints;
+``parse_dynamic_axes`` checks ``NAME:DIM`` specs of input axes that may change length.
+STORAGE_MODES / QUANTIZE_MODES list the valid CLI choices;
 SUPPORTED_OPSETS / OPSET_RANGES the opsets torch's exporters write, which
 ``check_modes(storage, quantize, opset)`` checks up front. What the exporters print goes
 to ``exporter_log_path(path)`` (``<path>.log``), never to the terminal.
@@ -25,7 +27,10 @@ from .modes import (
 _LAZY = {
     "default_targets": "core",
     "export_onnx": "core",
-    "exporter_log_path": "core",
+    "exporter_log_path": "receipt",
+    "export_outputs": "receipt",
+    "parse_dynamic_axes": "axes",
+    "receipt_path": "receipt",
     "MEMORY_NOTE": "receipt",
     "receipt_table": "receipt",
     "write_receipt": "receipt",
@@ -43,8 +48,11 @@ __all__ = [
     "check_modes",
     "default_targets",
     "export_onnx",
+    "export_outputs",
     "exporter_log_path",
     "pack",
+    "parse_dynamic_axes",
+    "receipt_path",
     "receipt_table",
     "unpack",
     "write_receipt",

@@ -7,6 +7,8 @@ import logging
 import os
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -15,12 +17,24 @@ from torch import Tensor, nn
 
 from prunekit.errors import ModelError, RunDirError, SettingError
 from prunekit.prune.masks import masks_from_weights
+from prunekit.types import call_model
 
 from . import cleanup as clean
-from .exporters import DEFAULT_OPSET, Example, as_example, export_proto, graph_inputs, opset_of
+from .axes import Axes, check_asked, parse_dynamic_axes
+from .exporters import (
+    DEFAULT_OPSET,
+    Example,
+    Exported,
+    Forward,
+    as_example,
+    export_proto,
+    graph_inputs,
+    opset_of,
+)
 from .graph import apply_storage, decoded_value
+from .lengths import other_length_parity, plan_axes, settle
 from .match import count_pruned, float_params, match_initializers
-from .receipt import MEMORY_NOTE
+from .receipt import MEMORY_NOTE, exporter_log_path, size_warning
 from .storage import check_modes, check_opset
 from .verify import check, check_weights, latencies, parity, session
 
@@ -53,12 +67,6 @@ def _check_path(path: Path, overwrite: bool, log_path: Path) -> None:
     for out in (path, log_path):
         if out.exists() and not overwrite:
             raise RunDirError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite)")
-
-
-def exporter_log_path(path: str | os.PathLike) -> Path:
-    """Where export_onnx writes what the exporters printed by default: ``<path>.log``."""
-    path = Path(path)
-    return path.with_name(path.name + ".log")
 
 
 def _write_log(text: str, log_path: Path) -> str | None:
@@ -112,10 +120,31 @@ def _prepare(model: nn.Module, masks: dict | None, do_cleanup: bool) -> tuple:
     return ref, net, net_masks, record
 
 
-def _build(net, masks, example, storage, quantize, opset, exporter) -> tuple:
-    """(dense proto, stored proto, tensor rows, expected decoded weights, missing,
-    exporters.Exported)."""
-    exported = export_proto(net, example, opset, exporter)
+@dataclass
+class _Built:
+    """The export before it is written: dense and stored protos, tensor rows, expected
+    decoded weights, unmatched weights, what the exporter made and the dynamic axes."""
+
+    dense: onnx.ModelProto
+    stored: onnx.ModelProto
+    rows: list
+    expected: dict
+    missing: list
+    exported: Exported
+    axes: Axes
+
+
+def _build(net, masks, example, modes: tuple, exporter: str, plan: tuple) -> _Built:
+    """Export (axes settled at another length), rewrite the storage, expect the weights.
+
+    modes: (storage, quantize, opset); plan: (axes, ref, call, verification inputs)."""
+    storage, quantize, opset = modes
+    axes, ref, call, inputs = plan
+
+    def export(axes_now: Axes) -> Exported:
+        return export_proto(net, example, opset, exporter, axes_now.dims, call)
+
+    exported, axes = settle(export, axes, ref, call, example, inputs)
     dense = exported.proto
     check_opset(opset_of(dense), storage, quantize)
     candidates, missing = match_initializers(dense, net, count_pruned(masks))
@@ -130,16 +159,19 @@ def _build(net, masks, example, storage, quantize, opset, exporter) -> tuple:
         )
         for c, r in zip(candidates, rows, strict=True)
     }
-    return dense, stored, rows, expected, missing, exported
+    return _Built(dense, stored, rows, expected, missing, exported, axes)
 
 
-def _examples(model: nn.Module, example_input, verify_inputs) -> tuple[Example, Example]:
+def _examples(
+    model: nn.Module, example_input, verify_inputs, keywords: bool = True
+) -> tuple[Example, Example]:
     """(example, verification inputs), checked; the latter defaults to the former and must
-    have the same form (tensor, or dict with the same keys)."""
-    example = as_example(model, example_input)
+    have the same form (tensor, or dict with the same keys). keywords: the model takes a
+    dict's entries as keyword arguments (no ``forward`` mapping given)."""
+    example = as_example(model, example_input, keywords=keywords)
     if verify_inputs is None:
         return example, example
-    inputs = as_example(model, verify_inputs, "verify_inputs")
+    inputs = as_example(model, verify_inputs, "verify_inputs", keywords=keywords)
     if isinstance(example, dict) != isinstance(inputs, dict) or (
         isinstance(example, dict) and set(example) != set(inputs)
     ):
@@ -180,79 +212,122 @@ def export_onnx(
     overwrite: bool = True,
     max_accuracy_drop: float | None = None,
     log_path: str | os.PathLike | None = None,
+    forward: Forward | None = None,
+    dynamic_axes=None,
+    infer_from: Example | None = None,
 ) -> dict:
     """Export a pruned model to ONNX at ``path``, verify it, and return the receipt.
 
     model: any nn.Module (left untouched; a CPU eval copy is exported). example_input:
-    a tensor [N, ...] whose dim 0 is the batch (graph input 'input', dim 0 dynamic), or a
-    dict name -> tensor [N, ...] passed as ``model(**example_input)`` (graph inputs named
-    after the keys in the dict's order, dtypes kept; dim 0 dynamic 'batch', dim 1 dynamic
-    'sequence' for integer/bool inputs of rank >= 2 and float ones of the same length;
-    see exporters.input_axes). masks: parameter name
-    -> bool tensor (True = keep); None reads them off the zeros of the default targets.
-    storage: one of STORAGE_MODES; quantize: None or 'int8' (packed only); opset: ONNX opset
-    (default 18), within exporters.SUPPORTED_OPSETS and the storage mode's minimum, and
-    written exactly (never replaced by another). verify_inputs/verify_targets: [N, ...]
-    inputs of the same form as example_input (a dict with the same keys; default:
-    example_input) and class indices [N] for the int8 accuracy change. cleanup: fold
-    BatchNorm and remove dead units first. latency: time onnxruntime and PyTorch at batch
-    1 and 64 (ms). exporter: tried first ('torchscript' or 'dynamo'); the other is the
-    fallback, whose reason is logged as one warning. log_path: where everything the
-    exporters printed goes (default ``<path>.log``; written only when they printed
-    something, named in the receipt as ``exporter_log``); nothing reaches the terminal.
-    Raises SettingError/RunDirError/ModelError (exit 2) before writing anything, or
-    VerificationError (exit 1) after verification fails; on failure no file is at ``path``.
+    a tensor [N, ...] whose dim 0 is the batch (graph input 'input'), or a dict name ->
+    tensor [N, ...] (graph inputs named after the keys in the dict's order, dtypes kept).
+    forward: how the model is fed the inputs, ``forward(model, inputs) -> outputs`` (a
+    task's argument mapping, e.g. ``lambda m, x: m(x['ids'], x['mask'])``); the graph
+    takes exactly the example's tensors. None: a tensor positionally, a dict as keyword
+    arguments (its keys must be arguments of ``model.forward``). dynamic_axes: ``NAME:DIM``
+    strings (or (name, dim) pairs) of input axes besides the batch that may change length
+    (audio samples, sequence steps); others are inferred (token ids and masks of a dict,
+    and axes along which the examples of ``infer_from``, default the verification inputs,
+    are padded to different lengths; see export.axes) and kept only where the model runs
+    at another length. Parity is also verified at another length than the example's.
+    masks: parameter name -> bool tensor (True = keep); None reads them off the zeros of
+    the default targets. storage: one of STORAGE_MODES; quantize: None or 'int8' (packed
+    only); opset: ONNX opset (default 18), within SUPPORTED_OPSETS and the storage mode's
+    minimum, written exactly. verify_inputs/verify_targets: [N, ...] inputs of the same
+    form as example_input (default: example_input) and class indices [N] for the int8
+    accuracy change. cleanup: fold BatchNorm and remove dead units first. latency: time
+    onnxruntime and PyTorch at batch 1 and 64 (ms). exporter: tried first ('torchscript'
+    or 'dynamo'); the other is the fallback, whose reason is logged as one warning.
+    log_path: where everything the exporters printed goes (default ``<path>.log``; written
+    only when they printed something, named in the receipt as ``exporter_log``). A file
+    larger than the dense export is one logged warning, also in the receipt's
+    ``warnings``. Raises SettingError/RunDirError/ModelError (exit 2) before writing
+    anything, or VerificationError (exit 1) after verification fails; on failure no file
+    is at ``path``.
     """
     start = time.perf_counter()
     opset = DEFAULT_OPSET if opset is None else opset
     check_modes(storage, quantize, opset)  # before any export work: one line, nothing written
-    opset = int(opset)  # a numpy integer, checked whole above
+    opset, asked = int(opset), parse_dynamic_axes(dynamic_axes)  # opset: checked whole above
     path = Path(path)
     log_path = exporter_log_path(path) if log_path is None else Path(log_path)
     _check_path(path, overwrite, log_path)
-    example, inputs = _examples(model, example_input, verify_inputs)
+    example, inputs = _examples(model, example_input, verify_inputs, forward is None)
+    check_asked(asked, example)
     ref, net, net_masks, record = _prepare(model, masks, cleanup)
-    dense, stored, rows, expected, missing, exported = _build(
-        net, net_masks, example, storage, quantize, opset, exporter
-    )
+    call = forward or call_model
+    source = inputs if infer_from is None else as_example(model, infer_from, "infer_from", False)
+    axes = plan_axes(ref, call, example, source, asked)
+    built = _build(net, net_masks, example, (storage, quantize, opset), exporter,
+                   (axes, ref, call, inputs))  # fmt: skip
+    quantized = quantize is not None
 
     def verify(tmp: str) -> tuple[dict, float]:
         written = onnx.load(tmp)
         result = {"checker": check(written)}
         sess, created = session(tmp)
-        result.update(
-            parity(sess, ref, inputs, verify_targets, quantize is not None, max_accuracy_drop)
-        )
-        result["weights"] = check_weights(written, expected)
+        result.update(parity(sess, ref, inputs, verify_targets, quantized, max_accuracy_drop, call))
+        if built.axes.groups():
+            result["other_length"] = other_length_parity(
+                sess, ref, call, built.axes, example, inputs, quantized
+            )
+        result["weights"] = check_weights(written, expected=built.expected)
         return result, created
 
-    verification, created = _write_verified(stored, path, verify)
+    verification, created = _write_verified(built.stored, path, verify)
+    receipt = _receipt(path, built, (storage, quantize), record, log_path)
+    receipt.update(verification=verification, session_creation_s=created)
+    if latency:
+        receipt["latency"] = _latency(path, built.dense, storage, ref, example, call)
+    receipt["seconds"] = time.perf_counter() - start
+    return receipt
+
+
+def _receipt(path: Path, built: _Built, modes: tuple, record: dict, log_path: Path) -> dict:
+    """The receipt of a written export (verification and latency added by the caller); logs
+    the fallback and a file larger than the dense export as one warning each."""
+    storage, quantize = modes
+    exported = built.exported
     written_log = _write_log(exported.log, log_path)
     if exported.fallback:
         log.warning(
             "exported with %s: %s%s", exported.exporter, exported.fallback,
             f"; exporter output in {written_log}" if written_log else "",
         )  # fmt: skip
-    size = path.stat().st_size
-    dense_bytes = 4 * record["params_before"]
-    receipt = {
+    size, dense_fp32 = path.stat().st_size, 4 * record["params_before"]
+    sizes = {"file": size, "dense_onnx": built.dense.ByteSize(), "dense_fp32": dense_fp32}
+    warning = size_warning(path.name, sizes, storage, *_graph_bytes(built.stored))
+    if warning:
+        log.warning("%s", warning)
+    log.info("exported %s (%s, %.4fx dense fp32)", path, storage, size / dense_fp32)
+    return {
         "path": str(path), "storage": storage, "quantize": quantize,
         "exporter": exported.exporter, "exporter_fallback": exported.fallback,
-        "exporter_log": written_log, "opset": opset_of(stored), "inputs": graph_inputs(stored),
-        "bytes": {"file": size, "dense_fp32": dense_bytes, "ratio": size / dense_bytes},
-        "tensors": rows, "unmatched_weights": missing, "cleanup": record,
-        "verification": verification, "session_creation_s": created, "memory_note": MEMORY_NOTE,
+        "exporter_log": written_log, "opset": opset_of(built.stored),
+        "inputs": graph_inputs(built.stored),
+        "dynamic_axes": {"asked": built.axes.specs(built.axes.asked),
+                         "inferred": built.axes.specs(built.axes.inferred)},
+        "bytes": {**sizes, "ratio": size / dense_fp32}, "warnings": [warning] if warning else [],
+        "tensors": built.rows, "unmatched_weights": built.missing, "cleanup": record,
+        "memory_note": MEMORY_NOTE,
     }  # fmt: skip
-    if latency:
-        receipt["latency"] = _latency(path, dense, storage, ref, example)
-    receipt["seconds"] = time.perf_counter() - start
-    log.info("exported %s (%s, %.4fx dense fp32)", path, storage, size / dense_bytes)
-    return receipt
 
 
-def _latency(path: Path, dense: onnx.ModelProto, storage: str, ref, example) -> dict:
+def _graph_bytes(proto: onnx.ModelProto) -> tuple[int, int]:
+    """(bytes of ``proto`` that are not initializers: nodes, attributes, constants, names;
+    the most nodes that read one initializer: a loop unrolled N times reads its weights N
+    times)."""
+    graph = proto.graph
+    weights = sum(t.ByteSize() for t in graph.initializer)
+    weights += sum(t.ByteSize() for t in graph.sparse_initializer)
+    names = {t.name for t in graph.initializer}
+    reads = Counter(name for node in graph.node for name in node.input if name in names)
+    return proto.ByteSize() - weights, max(reads.values(), default=1)
+
+
+def _latency(path: Path, dense: onnx.ModelProto, storage: str, ref, example, call) -> dict:
     """Latency of the written file, of the dense ONNX of the same graph, and of PyTorch."""
     sessions = {f"onnxruntime_{storage}": session(str(path))[0]}
     if storage != "dense":
         sessions["onnxruntime_dense"] = session(dense.SerializeToString())[0]
-    return latencies(sessions, ref, example)
+    return latencies(sessions, ref, example, call=call)

@@ -11,9 +11,9 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import onnx
 import torch
@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from prunekit.errors import ModelError, SettingError, choice_error
+from prunekit.types import call_model
 
+from .axes import make_axes, token_axes
 from .modes import (  # noqa: F401 - re-exported: these names lived here
     DEFAULT_OPSET,
     EXPORTERS,
@@ -38,30 +40,21 @@ OUTPUT = "output"
 # An example input: one tensor [N, ...] (graph input 'input'), or a dict name -> tensor [N, ...]
 # passed to the model as keyword arguments (graph inputs named after the keys, in order).
 Example = Tensor | dict[str, Tensor]
-
-
-def _is_token_like(value: Tensor) -> bool:
-    """Integer or bool tensor of rank >= 2: token ids, attention masks (B, T, ...)."""
-    return value.dim() >= 2 and not torch.is_floating_point(value) and not value.is_complex()
+# How the model is fed an example: ``call(model, inputs) -> outputs`` (a task's argument
+# mapping); None = ``call_model``: a tensor positionally, a dict as keyword arguments.
+Forward = Callable[[nn.Module, Example], Any]
 
 
 def input_axes(example: Example) -> dict[str, dict[int, str]]:
-    """Graph input name -> {axis: dynamic dim name}, in graph input order.
+    """Graph input name -> {axis: dynamic dim name}, in graph input order, as inferred
+    from the example alone (see :mod:`export.axes`; no asked axes, no padding check).
 
     A tensor: {'input': {0: 'batch'}}. A dict: dim 0 of every input is 'batch'; dim 1 is
     'sequence' for integer/bool inputs of rank >= 2 (token ids, attention masks) and for
     float inputs of rank >= 2 whose dim 1 has their length T (float masks, per-token
     features (B, T, F)); a dict without integer/bool inputs keeps dim 1 static.
     """
-    if isinstance(example, Tensor):
-        return {"input": {0: "batch"}}
-    lengths = {int(v.shape[1]) for v in example.values() if _is_token_like(v)}
-    axes = {}
-    for name, value in example.items():
-        axes[name] = {0: "batch"}
-        if _is_token_like(value) or (value.dim() >= 2 and int(value.shape[1]) in lengths):
-            axes[name][1] = "sequence"
-    return axes
+    return make_axes(example, inferred=token_axes(example)).dims
 
 
 def _keyword_names(net: nn.Module) -> tuple[list[str], bool]:
@@ -75,9 +68,10 @@ def _keyword_names(net: nn.Module) -> tuple[list[str], bool]:
     return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def as_example(net: nn.Module, example, what: str = "example_input") -> Example:
+def as_example(net: nn.Module, example, what: str = "example_input", keywords: bool = True):
     """``example`` detached on the CPU, checked: a tensor [N, ...] or a non-empty dict of
-    tensors [N, ...] with one N, whose keys are keyword arguments of ``net.forward``.
+    tensors [N, ...] with one N; with ``keywords`` (the model is called as
+    ``net(**example)``) its keys must be keyword arguments of ``net.forward``.
 
     Raises SettingError for a value that is not a tensor/dict of tensors or has no batch
     dim, ModelError for a key ``net.forward`` does not take or mismatched batch sizes.
@@ -91,7 +85,7 @@ def as_example(net: nn.Module, example, what: str = "example_input") -> Example:
             f"{what} must be a tensor [N, ...] or a dict name -> tensor [N, ...]; "
             f"got {type(example).__name__}{' (empty)' if isinstance(example, dict) else ''}"
         )
-    names, var_kw = _keyword_names(net)
+    names, var_kw = _keyword_names(net) if keywords else ([], True)
     for key, value in example.items():
         if not isinstance(key, str) or not (var_kw or key in names):
             raise ModelError(
@@ -106,26 +100,37 @@ def as_example(net: nn.Module, example, what: str = "example_input") -> Example:
     return {k: v.detach().cpu() for k, v in example.items()}
 
 
-class _Keywords(nn.Module):
-    """Calls ``net(**dict(zip(keys, args)))``: positional graph inputs in the dict's order."""
+class Call(nn.Module):
+    """The module an exporter sees: ``forward(*graph inputs)`` rebuilds the example's form
+    (one tensor, or a dict in the graph inputs' order) and returns ``call(net, inputs)``:
+    the model fed exactly as the task feeds it (``call_model`` by default)."""
 
-    def __init__(self, net: nn.Module, keys: list[str]):
+    def __init__(self, net: nn.Module, call: Forward | None, keys: list[str] | None):
         super().__init__()
-        self.net, self.keys = net, list(keys)
+        self.net, self.call, self.keys = net, call or call_model, keys
 
     def forward(self, *args: Tensor):
-        return self.net(**dict(zip(self.keys, args, strict=True)))
+        inputs = args[0] if self.keys is None else dict(zip(self.keys, args, strict=True))
+        return self.call(self.net, inputs)
 
 
-def _torchscript(net: nn.Module, x: Example, opset: int) -> onnx.ModelProto:
-    axes = input_axes(x)
-    args = (x,) if isinstance(x, Tensor) else tuple(x.values())
-    if not isinstance(x, Tensor):
-        net = _Keywords(net, list(x))
+def wrap(net: nn.Module, example: Example, call: Forward | None = None) -> nn.Module:
+    """``net`` itself for a tensor fed positionally (its graph keeps the model's own
+    initializer names), else a :class:`Call` around it."""
+    if call is None and isinstance(example, Tensor):
+        return net
+    return Call(net, call, None if isinstance(example, Tensor) else list(example))
+
+
+def _values(x: Example) -> tuple[Tensor, ...]:
+    return (x,) if isinstance(x, Tensor) else tuple(x.values())
+
+
+def _torchscript(net: nn.Module, x: Example, opset: int, axes: dict) -> onnx.ModelProto:
     buf = io.BytesIO()
     try:
         torch.onnx.export(
-            net, args, buf, dynamo=False, input_names=list(axes), output_names=[OUTPUT],
+            net, _values(x), buf, dynamo=False, input_names=list(axes), output_names=[OUTPUT],
             dynamic_axes={**axes, OUTPUT: {0: "batch"}}, opset_version=opset, verbose=False,
             do_constant_folding=True,
         )  # fmt: skip
@@ -142,24 +147,19 @@ def _at_least_two(x: Tensor) -> Tensor:
     return x if x.shape[0] >= 2 else x[:1].expand(2, *x.shape[1:]).contiguous()
 
 
-def _dynamo(net: nn.Module, x: Example, opset: int) -> onnx.ModelProto:
-    if isinstance(x, Tensor):
-        program = torch.onnx.export(
-            net, (_at_least_two(x),), dynamo=True, input_names=["input"],
-            output_names=[OUTPUT], dynamic_axes={"input": {0: "batch"}, OUTPUT: {0: "batch"}},
-            opset_version=opset, external_data=False, verbose=False,
-        )  # fmt: skip
-    else:
-        dims = {"batch": Dim("batch"), "sequence": Dim("sequence")}
-        shapes = {k: {a: dims[d] for a, d in ax.items()} for k, ax in input_axes(x).items()}
-        program = torch.onnx.export(
-            net, (), kwargs={k: _at_least_two(v) for k, v in x.items()}, dynamo=True,
-            output_names=[OUTPUT], dynamic_shapes=shapes, opset_version=opset,
-            external_data=False, verbose=False,
-        )  # fmt: skip
+def _dynamo(net: nn.Module, x: Example, opset: int, axes: dict) -> onnx.ModelProto:
+    dims: dict[str, Dim] = {}
+    shapes = tuple(
+        {a: dims.setdefault(d, Dim(d)) for a, d in ax.items()} for ax in axes.values()
+    )  # one Dim per name: axes of one name stay tied
+    program = torch.onnx.export(
+        net, tuple(_at_least_two(v) for v in _values(x)), dynamo=True,
+        input_names=list(axes), output_names=[OUTPUT],
+        dynamic_shapes=(shapes,) if isinstance(net, Call) else shapes,  # Call takes *args
+        opset_version=opset, external_data=False, verbose=False,
+    )  # fmt: skip
     proto = program.model_proto
-    if not isinstance(x, Tensor):
-        _order_inputs(proto, list(x))
+    _order_inputs(proto, list(axes))
     return proto
 
 
@@ -309,12 +309,12 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(root).__name__}: {(plain.splitlines() or [''])[0][:300]}"
 
 
-def _attempt(name: str, net: nn.Module, example: Example, opset: int) -> tuple:
+def _attempt(name: str, net: nn.Module, example: Example, opset: int, axes: dict) -> tuple:
     """(proto or None, captured output, one-line failure or None) of one exporter."""
     proto, failure = None, None
     with capture_output() as text:
         try:
-            proto = _RUNNERS[name](net, example, opset)
+            proto = _RUNNERS[name](net, example, opset, axes)
         except Exception as exc:  # exporters raise many types; the caller reports them all
             failure = _one_line(exc)
             print(f"{name} exporter failed: {type(exc).__name__}: {_ANSI.sub('', str(exc))}")
@@ -328,13 +328,20 @@ def _attempt(name: str, net: nn.Module, example: Example, opset: int) -> tuple:
 
 
 def export_proto(
-    net: nn.Module, example: Example, opset: int, exporter: str = "torchscript"
+    net: nn.Module,
+    example: Example,
+    opset: int,
+    exporter: str = "torchscript",
+    axes: dict[str, dict[int, str]] | None = None,
+    call: Forward | None = None,
 ) -> Exported:
     """Export ``net`` at exactly ``opset``: tries ``exporter`` first, then the other one.
 
-    example: a tensor (graph input 'input') or a dict of keyword arguments (graph inputs
-    named after the keys, in the dict's order, dtypes kept); dynamic axes as
-    :func:`input_axes` says; the first output is 'output' with dynamic dim 0 ('batch').
+    example: a tensor (graph input 'input') or a dict (graph inputs named after the keys,
+    in the dict's order, dtypes kept); the graph takes exactly these tensors and feeds
+    them to the model through ``call(net, inputs)`` (None: a tensor positionally, a dict
+    as keyword arguments). axes: graph input -> {axis: dim name} of its dynamic axes
+    (default :func:`input_axes`); the first output is 'output' with dynamic dim 0.
     Only exporters whose ``OPSET_RANGES`` hold ``opset`` are tried, and a model written at
     another opset counts as a failure: the opset is never silently replaced. Everything
     the exporters print is captured into ``Exported.log``, never shown. Raises
@@ -342,11 +349,13 @@ def export_proto(
     exporter can handle the model.
     """
     order, skipped = _order(exporter, opset)
+    axes = input_axes(example) if axes is None else axes
+    net = wrap(net, example, call)
     logs, errors = [], []
     # a fallback names why the asked exporter was not used: left out for the opset, or failed
     reasons = [r for r in skipped if r.startswith(f"the {exporter} ")]
     for name in order:
-        proto, output, failure = _attempt(name, net, example, opset)
+        proto, output, failure = _attempt(name, net, example, opset, axes)
         if output:
             logs.append(f"== {name} exporter, opset {opset} ==\n{output}")
         if failure is None:
@@ -355,8 +364,9 @@ def export_proto(
         log.debug("%s exporter failed: %s", name, failure)
         errors.append(f"{name}: {failure}")
         reasons.append(f"the {name} exporter failed ({failure})")
+    model = net.net if isinstance(net, Call) else net
     raise ModelError(
-        f"no ONNX exporter could handle {type(net).__name__} at opset {opset}: "
+        f"no ONNX exporter could handle {type(model).__name__} at opset {opset}: "
         + " | ".join(errors + skipped)
     )
 

@@ -1,4 +1,5 @@
-"""The export receipt: export.json (atomic) and the rows a CLI prints."""
+"""The export receipt: ``<model>.onnx.json`` beside the model (atomic), the one-line size
+warning, and the rows a CLI prints."""
 
 from __future__ import annotations
 
@@ -15,6 +16,56 @@ MEMORY_NOTE = (
     "created (sparse initializers are densified, packed ones constant-folded): storage "
     "modes shrink the file, not RAM or latency; only removed units make inference faster."
 )
+
+
+def size_warning(
+    name: str, sizes: dict, storage: str, graph_bytes: int, repeats: int = 1
+) -> str | None:
+    """One line when the written file is larger than the dense export of the same graph
+    (the storage mode does not pay off), or, for a storage mode other than dense, larger
+    than the dense fp32 weights (the graph itself outweighs what pruning saved); else None.
+
+    sizes: bytes of the 'file', the 'dense_onnx' export and the 'dense_fp32' weights;
+    graph_bytes: the file's bytes that are not weights (nodes, attributes, constants);
+    repeats: the most nodes that read one weight (>= 3: a loop unrolled that many times).
+    """
+    size, dense, weights = sizes["file"], sizes["dense_onnx"], sizes["dense_fp32"]
+    if size > dense:
+        return (
+            f"{name} is {size:,} bytes, {size / dense:.2f}x the dense export of the same graph "
+            f"({dense:,} bytes): storage {storage!r} does not pay off at this sparsity; "
+            "storage 'dense' writes the smaller file"
+        )
+    if storage != "dense" and size > weights:
+        return (
+            f"{name} is {size:,} bytes, {size / weights:.2f}x the model's dense fp32 weights "
+            f"({weights:,} bytes): {graph_bytes:,} of its bytes are the graph itself (nodes, "
+            "names, constants), which pruning does not shrink"
+            + (
+                f"; a weight read by {repeats} nodes: a loop unrolled {repeats} times"
+                if repeats >= 3
+                else ""
+            )
+        )
+    return None
+
+
+def exporter_log_path(path: str | os.PathLike) -> Path:
+    """Where export_onnx writes what the exporters printed by default: ``<path>.log``."""
+    path = Path(path)
+    return path.with_name(path.name + ".log")
+
+
+def export_outputs(path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """Every file an export to ``path`` may write: the model, its receipt, the exporter log."""
+    return Path(path), receipt_path(path), exporter_log_path(path)
+
+
+def receipt_path(path: str | os.PathLike) -> Path:
+    """Where the receipt of the ONNX file ``path`` goes: beside it, named after it
+    (``model.onnx`` -> ``model.onnx.json``), so exports into one folder never collide."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
 
 
 def write_receipt(receipt: dict, path: str | os.PathLike) -> Path:
@@ -60,9 +111,18 @@ def receipt_table(receipt: dict) -> list[tuple[str, str]]:
         ("decoded zeros", f"{v['weights']['zeros']:,} >= {v['weights']['pruned']:,} pruned"),
         ("session creation", f"{receipt['session_creation_s'] * 1e3:.1f} ms"),
     ]
-    extra = [("exporter fallback", receipt.get("exporter_fallback")),  # why the other ran
-             ("exporter log", receipt.get("exporter_log"))]  # where exporters' output went
-    rows[3:3] = [(label, str(value)) for label, value in extra if value]  # fmt: skip
+    extra = [
+        ("exporter fallback", receipt.get("exporter_fallback")),  # why the other ran
+        ("exporter log", receipt.get("exporter_log")),  # where the exporters' output went
+        ("dynamic axes", _dynamic(receipt.get("dynamic_axes") or {})),
+    ]
+    rows[3:3] = [(label, str(value)) for label, value in extra if value]
+    other = v.get("other_length")
+    if other:
+        at = ", ".join(f"{d}={n}" for d, n in other["lengths"].items())
+        after = next(k for k, (label, _) in enumerate(rows) if label == "max abs diff") + 1
+        diff = f"max abs diff {other['max_abs_diff']:.3g} ({at})"
+        rows.insert(after, ("at another length", diff))
     if "accuracy_change" in v:
         rows.append(("accuracy change", f"{v['accuracy_change']:+.4f}"))
     for t in receipt["tensors"]:
@@ -76,5 +136,11 @@ def receipt_table(receipt: dict) -> list[tuple[str, str]]:
     for runner in lat:
         for batch in ("batch1", "batch64"):
             rows.append((f"{runner} {batch} p50/p90", _lat(lat, runner, batch)))
-    rows.append(("note", MEMORY_NOTE))
+    rows.append(("note", MEMORY_NOTE))  # warnings: logged once, as a CLI note line
     return rows
+
+
+def _dynamic(axes: dict) -> str:
+    """'input:1 (asked); ids:1, mask:1 (inferred)', or '' when only the batch is dynamic."""
+    parts = [f"{', '.join(axes[k])} ({k})" for k in ("asked", "inferred") if axes.get(k)]
+    return "; ".join(parts)

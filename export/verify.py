@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
 from prunekit.errors import SettingError, VerificationError, first_line
+from prunekit.types import call_model
 
 FP32_TOL = 1e-5
 
@@ -80,11 +81,11 @@ def run_onnx(sess: ort.InferenceSession, x: Tensor | dict[str, Tensor]) -> np.nd
     return sess.run(None, feeds(sess, x))[0]
 
 
-def run_torch(net: nn.Module, x: Tensor | dict[str, Tensor]) -> np.ndarray:
-    """First output of ``net`` on ``x`` (a dict is passed as keyword arguments) in
-    inference mode, as numpy."""
+def run_torch(net: nn.Module, x: Tensor | dict[str, Tensor], call=None) -> np.ndarray:
+    """First output of ``net`` on ``x`` in inference mode, as numpy: ``call(net, x)``, by
+    default ``call_model`` (a dict is passed as keyword arguments)."""
     with torch.inference_mode():
-        out = net(**x) if isinstance(x, dict) else net(x)
+        out = (call or call_model)(net, x)
     if isinstance(out, (tuple, list)):
         out = out[0]
     return out.detach().cpu().numpy()
@@ -115,9 +116,10 @@ def parity(
     targets: Tensor | None,
     quantized: bool,
     max_accuracy_drop: float | None,
+    call=None,
 ) -> dict:
     """Compare onnxruntime with the PyTorch pruned model on ``inputs`` [N, ...] (a tensor,
-    or a dict of named tensors passed as keyword arguments).
+    or a dict of named tensors), the model fed through ``call`` (see :func:`run_torch`).
 
     fp32: max abs diff must be <= 1e-5. int8: the accuracy change (onnx - torch, as a
     fraction, on ``targets``) is reported and checked against ``max_accuracy_drop`` if set.
@@ -131,7 +133,7 @@ def parity(
             "onnxruntime cannot run the exported model on the verification inputs "
             f"(shapes {_shapes(inputs)}): {first_line(exc)}"
         ) from exc
-    want = run_torch(ref, inputs)
+    want = run_torch(ref, inputs, call)
     if got.shape != want.shape:
         raise VerificationError(f"onnx output shape {got.shape} != pytorch {want.shape}")
     diff = float(np.abs(got.astype(np.float64) - want).max()) if got.size else 0.0
@@ -239,13 +241,14 @@ def batch_of(example: Tensor | dict[str, Tensor], size: int) -> Tensor | dict[st
 
 
 def latencies(
-    sessions: dict, ref: nn.Module, example: Tensor | dict[str, Tensor], runs: int = 50
+    sessions: dict, ref: nn.Module, example: Tensor | dict[str, Tensor], runs: int = 50, call=None
 ) -> dict:
     """{runner: {'batch1'|'batch64': {'p50_ms', 'p90_ms'}}} for onnx sessions and PyTorch.
 
-    example: a tensor or a dict of named inputs (keyword arguments of ``ref``); its first
-    example repeated makes each batch.
+    example: a tensor or a dict of named inputs, fed to ``ref`` through ``call`` (see
+    :func:`run_torch`); its first example repeated makes each batch.
     """
+    call = call or call_model
     out = {}
     for size in (1, 64):
         x = batch_of(example, size)
@@ -253,7 +256,7 @@ def latencies(
             out.setdefault(label, {})[f"batch{size}"] = latency_ms(
                 lambda s=sess, f=feeds(sess, x): s.run(None, f), runs
             )
-        call = (lambda x=x: ref(**x)) if isinstance(x, dict) else (lambda x=x: ref(x))
         with torch.inference_mode():
-            out.setdefault("pytorch", {})[f"batch{size}"] = latency_ms(call, runs)
+            timed = latency_ms(lambda x=x: call(ref, x), runs)
+        out.setdefault("pytorch", {})[f"batch{size}"] = timed
     return out

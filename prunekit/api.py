@@ -200,6 +200,84 @@ def export_onnx(model: nn.Module, path, example_input, storage: str = "packed", 
     return _export_onnx(model, path, example_input, storage=storage, **kwargs)
 
 
+def export_forward(data: DataBundle, task=None, loss: str = "auto"):
+    """How an export feeds ``model`` the inputs, the way a run of ``task`` does.
+
+    None for no task or a built-in one (a tensor positionally, a dict's entries as keyword
+    arguments); else ``forward(model, inputs)`` calling ``task.forward(model, batch)`` with
+    the batch built as the run builds it: ``(inputs, None)`` when the data has targets
+    (the graph takes the inputs only), the inputs alone when it has none or under
+    distillation (loss 'distill', or a DistillationTask: its base task runs the model).
+    """
+    from prunekit.errors import ModelError, first_line
+    from prunekit.tasks import DistillationTask
+
+    if task is None:
+        return None
+    if isinstance(task, DistillationTask):
+        task, loss = task.base, "distill"
+    task = as_task(task)
+    if type(task).forward is Task.forward:
+        return None  # the built-in mapping: export_onnx's default
+    labelled = loss != "distill" and data.y_val is not None
+
+    def forward(model: nn.Module, inputs):
+        if not labelled:
+            return task.forward(model, inputs)
+        try:
+            return task.forward(model, (inputs, None))
+        except Exception as exc:  # a user's forward can fail in any way
+            raise ModelError(
+                f"the task's forward failed on the batch an export feeds it (inputs, None): "
+                f"{first_line(exc)}; the exported graph takes only the batch's inputs, so "
+                "forward(model, batch) must not read its targets"
+            ) from exc
+
+    return forward
+
+
+def _export_rows(data: DataBundle) -> tuple:
+    """(validation inputs for verification, their class labels or None): the first 512."""
+    x_val = take_rows(data.x_val, slice(0, 512))
+    return x_val, data.y_val[:512] if data.kind == "classification" else None
+
+
+def check_export(
+    model: nn.Module,
+    data: DataBundle,
+    storage: str = "packed",
+    quantize: str | None = None,
+    opset: int | None = None,
+    forward=None,
+    dynamic_axes=None,
+) -> None:
+    """Try the export settings before a long run: a quiet dry export of the model as it is
+    on 2 validation examples, into a temporary folder that is removed.
+
+    Raises what ``export_model`` would raise for these settings (opset, storage, dynamic
+    axes, the exporters, onnxruntime parity at two lengths), before any pruning.
+    """
+    import logging
+    import tempfile
+
+    from prunekit.export import export_onnx as _export_onnx
+
+    x_val, _ = _export_rows(data)
+    two = take_rows(x_val, slice(0, 2))
+    quiet = logging.getLogger("prunekit.export")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # a dense model's size or a fallback: said by the real one
+    try:
+        with tempfile.TemporaryDirectory(prefix="prunekit-dry-export-") as tmp:
+            _export_onnx(
+                model, Path(tmp) / "dry.onnx", two, storage=storage, quantize=quantize,
+                opset=opset, verify_inputs=two, latency=False, forward=forward,
+                dynamic_axes=dynamic_axes, infer_from=x_val,
+            )  # fmt: skip
+    finally:
+        quiet.setLevel(level)
+
+
 def export_model(
     model: nn.Module,
     path,
@@ -211,18 +289,24 @@ def export_model(
     overwrite: bool = False,
     receipt_path=None,
     published_path=None,
+    forward=None,
+    dynamic_axes=None,
 ) -> dict:
-    """Export ``model`` to ONNX at ``path``, verified on the validation split; write export.json.
+    """Export ``model`` to ONNX at ``path``, verified on the validation split; write the
+    receipt ``<path>.json`` beside it (``model.onnx`` -> ``model.onnx.json``).
 
-    The receipt goes to ``receipt_path`` (default: export.json beside the ONNX file) and
-    names ``published_path`` when the file is written in a work folder published later.
+    forward: how the model is fed the inputs (``export_forward``; None = the built-in
+    mapping); dynamic_axes: ``NAME:DIM`` specs of input axes that may change length (others
+    inferred, see prunekit.export.export_onnx). The receipt goes to ``receipt_path``
+    (default: beside the ONNX file) and names ``published_path`` when the file is written
+    in a work folder published later.
     """
     from prunekit.export import export_onnx as _export_onnx
     from prunekit.export import exporter_log_path, write_receipt
+    from prunekit.export import receipt_path as default_receipt
 
     path = Path(path)
-    x_val = take_rows(data.x_val, slice(0, 512))
-    y_val = data.y_val[:512] if data.kind == "classification" else None
+    x_val, y_val = _export_rows(data)
     receipt = _export_onnx(
         model,
         path,
@@ -234,10 +318,12 @@ def export_model(
         verify_inputs=x_val,
         verify_targets=y_val,
         overwrite=overwrite,
+        forward=forward,
+        dynamic_axes=dynamic_axes,
     )
     if published_path is not None:  # written in a work folder, published later
         receipt["path"] = str(published_path)
         if receipt.get("exporter_log"):
             receipt["exporter_log"] = str(exporter_log_path(published_path))
-    write_receipt(receipt, Path(receipt_path) if receipt_path else path.with_name("export.json"))
+    write_receipt(receipt, Path(receipt_path) if receipt_path else default_receipt(path))
     return receipt

@@ -3,12 +3,13 @@ data spec of a checkpoint, output checks, torchrun, and what an interrupt report
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
-from prunekit.console import BarProgress, print_receipt
+from prunekit.console import BarProgress, print_note, print_receipt
 from prunekit.errors import PrunekitError, RunDirError
 from prunekit.trust import check_file_spec
 
@@ -78,19 +79,21 @@ def data_spec(typed: str | None, loaded, model: Path) -> str:
 
 
 def check_export_target(
-    path: Path, overwrite: bool, source: Path, receipt: Path | None = None, run_dir=None
+    path: Path, overwrite: bool, source: Path, option: str = "--export"
 ) -> None:
-    """Refuse an ONNX destination before any work: missing folder, the input, or files
-    that exist without --overwrite (the receipt beside it included)."""
-    created_later = run_dir is not None and path.parent.resolve() == Path(run_dir).resolve()
-    if not path.parent.is_dir() and not created_later:
-        raise RunDirError(f"folder {str(path.parent)!r} of {str(path)!r} does not exist")
+    """Refuse an ONNX destination before any work: a folder, the input, a place under a file
+    or unwritable, or outputs that exist without --overwrite (the model, its receipt
+    ``<path>.json`` and exporter log ``<path>.log``). Missing folders are made later."""
+    from prunekit.export import export_outputs
+    from prunekit.rundir import check_output_folder
+
+    if path.is_dir():
+        raise RunDirError(f"{option} {str(path)!r} is a folder; give an .onnx file path")
     if path.resolve() == source.resolve():
         raise RunDirError(f"{str(path)!r} is the input checkpoint; choose another path")
-    from prunekit.export import exporter_log_path
-
-    for existing in (path, receipt, exporter_log_path(path)):
-        if existing is not None and existing.exists() and not overwrite:
+    check_output_folder(path, option)
+    for existing in export_outputs(path):
+        if existing.exists() and not overwrite:
             raise RunDirError(f"{str(existing)!r} exists; pass --overwrite or choose another path")
 
 
@@ -121,7 +124,58 @@ def distributed(device: str):
 
 def export_files(export: Path | None) -> tuple[str, ...]:
     """Files an --export writes besides the run: the model, its receipt, the exporter log."""
-    return () if export is None else (str(export), "export.json", f"{export}.log")
+    from prunekit.export import export_outputs
+
+    return () if export is None else tuple(str(p) for p in export_outputs(export))
+
+
+def dynamic_axes(specs: list[str]) -> tuple[tuple[str, int], ...]:
+    """--dynamic-axis NAME:DIM values, checked for form (names against the data later)."""
+    from prunekit.export import parse_dynamic_axes
+
+    return parse_dynamic_axes(specs)
+
+
+def check_axes(axes: tuple[tuple[str, int], ...], bundle) -> None:
+    """--dynamic-axis NAME and DIM against the data's inputs (one line naming the valid ones)."""
+    from prunekit.export.axes import check_asked
+    from prunekit.types import take_rows
+
+    check_asked(axes, take_rows(bundle.x_val, slice(0, 2)))
+
+
+DYNAMIC_AXIS_HELP = (
+    "Let axis DIM (>= 1) of graph input NAME change length in the ONNX graph, e.g. "
+    "input:1 for audio samples or sequence steps (repeatable). NAME is 'input' for tensor "
+    "data, else a key of the data's dict. Axes along which the data's examples are padded "
+    "to different lengths are inferred; parity is verified at another length."
+)
+
+
+class _NoteHandler(logging.Handler):
+    """Writes each record as one 'note: ...' line (whitespace collapsed) on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print_note(" ".join(record.getMessage().split()))
+        except Exception:  # a malformed record never ends a command
+            self.handleError(record)
+
+
+@contextmanager
+def library_notes():
+    """While a command runs, prunekit's library warnings (logging, WARNING and up) show as
+    one 'note: ...' line each on stderr, and nowhere else: no logger name, no traceback."""
+    logger = logging.getLogger("prunekit")
+    handler = _NoteHandler(logging.WARNING)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def show_receipt(receipt: dict) -> None:

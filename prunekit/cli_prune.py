@@ -12,6 +12,7 @@ from prunekit.cli_common import (
     ANALYSIS,
     CURVATURE,
     DATA,
+    DYNAMIC_AXIS_HELP,
     FINETUNE,
     OUTPUTS,
     SCHEDULE,
@@ -22,8 +23,10 @@ from prunekit.cli_common import (
     criterion_names,
     data_spec,
     distributed,
+    dynamic_axes,
     estimator_names,
     export_files,
+    library_notes,
     load,
     plots,
     show_receipt,
@@ -56,7 +59,13 @@ def prune(
         None, help="Run directory (default runs/<model>-<criterion>-<sparsity>)."
     ),
     export: Path = typer.Option(
-        None, help="Also export the pruned model to this ONNX file (packed storage, verified)."
+        None,
+        help="Also export the pruned model to this ONNX file (packed storage, verified; its "
+        "receipt is FILE.json beside it, missing folders are made). Checked by a dry export "
+        "before pruning.",
+    ),
+    dynamic_axis: list[str] = typer.Option(
+        [], "--dynamic-axis", metavar="NAME:DIM", help=DYNAMIC_AXIS_HELP, rich_help_panel=OUTPUTS
     ),
     fisher: str = typer.Option(
         None,
@@ -222,14 +231,17 @@ def prune(
 
     check_bounds(options, {k: "--" + k.replace("_", "-") for k in options} | {"lam": "--lambda"})
     check_bounds({"samples": fisher_samples}, {"samples": "--fisher-samples"})
-    with trusting_code(trust_code):
+    options["dynamic_axis"] = dynamic_axes(dynamic_axis)  # the form, before any loading
+    with trusting_code(trust_code), library_notes():
         loaded = load(model, arch, trust_pickle)
         out = out or Path("runs") / f"{model.stem}-{criterion}-{sparsity:g}"
         settings = PruneSettings(**_settings_options(options))
         _prune_into(loaded, model, out, settings, options)
 
 
-_NOT_SETTINGS = ("model", "data", "out", "export", "arch", "overwrite", "quiet", "trust_pickle")
+_NOT_SETTINGS = (
+    "model", "data", "out", "export", "dynamic_axis", "arch", "overwrite", "quiet", "trust_pickle",
+)  # fmt: skip
 _RENAMED = {"fisher_labels": "labels", "fisher_samples": "samples", "task": "task_spec"}
 
 
@@ -254,7 +266,7 @@ def _prune_into(loaded, model: Path, out: Path, settings, options: dict) -> None
     extra = export_files(export)
     preflight(out, overwrite=overwrite, inputs=(model,), extra_files=extra)
     if export is not None:
-        check_export_target(export, overwrite, model, run_dir=out)
+        check_export_target(export, overwrite, model)
     data_name = data_spec(options["data"], loaded, model)
     bundle = resolve_data(data_name, seed=settings.seed)
     sigterm_as_interrupt()
@@ -262,33 +274,56 @@ def _prune_into(loaded, model: Path, out: Path, settings, options: dict) -> None
         owned = nullcontext(None)
         if rank == 0:  # under torchrun only rank 0 writes and publishes the run
             owned = run_directory(out, overwrite=overwrite, inputs=(model,), extra_files=extra)
+    plan = None
+    if export is not None:  # the export's settings are tried now, never after the run
+        plan = _export_plan(loaded.model, bundle, settings, options)
         bars = BarProgress(enabled=not options["quiet"] and rank == 0)
         with owned as work, tracked_run(bars, None), bars:
             result = run_pruning(loaded.model, bundle, settings, progress=bars)
             if work is not None:
-                receipt = _write_outputs(work, out, result, loaded.arch, data_name, bundle, export)
+                receipt = _write_outputs(work, out, result, loaded.arch, data_name, bundle, plan)
     if rank != 0:
         return
     print_summary(result.report, out)
     if export is not None and export.resolve().parent != out.resolve():
-        receipt = _export(result, export, bundle, overwrite, out / "export.json", out, export)
+        from prunekit.rundir import output_folders
+
+        with output_folders(export, "--export"):  # made now, removed if the export fails
+            receipt = _export(result, export, bundle, plan, overwrite)
     if receipt is not None:
         show_receipt(receipt)
 
 
-def _write_outputs(work: Path, out: Path, result, arch, data_name: str, bundle, export):
+def _export_plan(model, bundle, settings, options: dict) -> dict:
+    """How --export feeds the model (the task's argument mapping) and its axes, tried by
+    a dry export of the dense model on 2 examples now, before any pruning."""
+    from prunekit.api import check_export, export_forward
+    from prunekit.tasks import load_task
+
+    task = load_task(settings.task_spec) if settings.task_spec else None
+    plan = {
+        "export": options["export"],
+        "forward": export_forward(bundle, task, settings.loss),
+        "dynamic_axes": options["dynamic_axis"],
+    }
+    check_export(model, bundle, forward=plan["forward"], dynamic_axes=plan["dynamic_axes"])
+    return plan
+
+
+def _write_outputs(work: Path, out: Path, result, arch, data_name: str, bundle, plan):
     """The run files, plots, and an export that lives inside the run folder; its receipt."""
     from prunekit.report import write_run
 
     write_run(work, result, arch, data_name)
     plots(work)
-    if export is None or export.resolve().parent != out.resolve():
+    if plan is None or plan["export"].resolve().parent != out.resolve():
         return None
-    return _export(result, work / export.name, bundle, True, work / "export.json", out, export)
+    return _export(result, work / plan["export"].name, bundle, plan, True)
 
 
-def _export(result, path: Path, bundle, overwrite: bool, receipt: Path, out: Path, shown: Path):
-    """Export the pruned model to ``path``; the receipt names ``shown`` (its final place)."""
+def _export(result, path: Path, bundle, plan: dict, overwrite: bool):
+    """Export the pruned model to ``path`` with its receipt beside it; the receipt names
+    the --export path (the file's final place when ``path`` is in the work folder)."""
     from prunekit.api import export_model
 
     return export_model(
@@ -297,6 +332,7 @@ def _export(result, path: Path, bundle, overwrite: bool, receipt: Path, out: Pat
         bundle,
         masks=result.masks,
         overwrite=overwrite,
-        receipt_path=receipt,
-        published_path=shown,
+        published_path=plan["export"],
+        forward=plan["forward"],
+        dynamic_axes=plan["dynamic_axes"],
     )

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import typer
 
-from prunekit.cli_common import TRUST_CODE_HELP, app, plots, sigterm_as_interrupt, tracked_run
+from prunekit.cli_common import (
+    TRUST_CODE_HELP,
+    app,
+    library_notes,
+    plots,
+    sigterm_as_interrupt,
+    tracked_run,
+)
 from prunekit.console import (
     BarProgress,
     out_console,
@@ -23,7 +30,7 @@ from prunekit.console import (
 )
 from prunekit.trust import check_recipe_trust, trusting_code
 
-RECIPE_OUTPUTS = ("model.onnx", "export.json")
+RECIPE_OUTPUTS = ("model.onnx", "model.onnx.json", "model.onnx.log")
 SET_HELP = "Override a recipe key: section.key=value (repeatable, type-checked; trusted as typed)."
 
 
@@ -68,7 +75,8 @@ def run(
     owned = run_directory(
         out, overwrite=overwrite, resume=resume, inputs=inputs, extra_files=RECIPE_OUTPUTS
     )
-    with trusting_code(trust_code), tracked_run(bars, _resume_command(recipe, set_, out)):
+    resume_line = _resume_command(recipe, set_, out)
+    with trusting_code(trust_code), tracked_run(bars, resume_line), library_notes():
         with owned as work, bars:  # published as `out` only when the block completes
             report, checks = run_recipe(spec, work, resume=resume, progress=bars, final=out)
             plots(work)

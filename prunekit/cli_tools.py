@@ -7,12 +7,16 @@ from pathlib import Path
 import typer
 
 from prunekit.cli_common import (
+    DYNAMIC_AXIS_HELP,
     TRUST_CODE_HELP,
     app,
+    check_axes,
     check_export_target,
     choices,
     data_spec,
+    dynamic_axes,
     example_names,
+    library_notes,
     load,
     plots,
     show_receipt,
@@ -26,10 +30,10 @@ from prunekit.trust import trusting_code
 
 @app.command()
 def example(
-    name: str = typer.Argument(
-        ..., help=f"Example to train: one of {choices(example_names())}."
+    name: str = typer.Argument(..., help=f"Example to train: one of {choices(example_names())}."),
+    out: Path = typer.Option(
+        ..., help="Where to write the trained checkpoint (.safetensors; missing folders are made)."
     ),
-    out: Path = typer.Option(..., help="Where to write the trained checkpoint (.safetensors)."),
     seed: int = typer.Option(0, help="Seed of initialisation, split and shuffling (0 to 2**63-1)."),
     overwrite: bool = typer.Option(False, help="Replace an existing file at --out."),
     quiet: bool = typer.Option(False, help="No progress bar."),
@@ -39,6 +43,7 @@ def example(
     from prunekit.checkpoint import ARCH_KEY
     from prunekit.models import EXAMPLES
     from prunekit.prune.state import save_tensors
+    from prunekit.rundir import check_output_folder, output_folders
 
     if name not in EXAMPLES:
         from prunekit.errors import choice_error
@@ -51,9 +56,8 @@ def example(
         raise RunDirError(f"--out {str(out)!r} is a folder; give a .safetensors file path")
     if out.exists() and not overwrite:
         raise RunDirError(f"--out {str(out)!r} exists; pass --overwrite or choose another path")
-    if not out.parent.is_dir():
-        raise RunDirError(f"folder {str(out.parent)!r} of --out {str(out)!r} does not exist")
-    with BarProgress(enabled=not quiet) as bars, tracked_run(bars, None):
+    check_output_folder(out, "--out")  # under a file or unwritable: now, not after training
+    with BarProgress(enabled=not quiet) as bars, tracked_run(bars, None), library_notes():
         model, arch, data_name, metrics = train_example(name, seed=seed, progress=bars)
     meta = {
         ARCH_KEY: arch,
@@ -61,7 +65,8 @@ def example(
         "prunekit.example": name,
         "prunekit.accuracy": f"{metrics['accuracy']:.4f}",
     }
-    save_tensors(out, model.state_dict(), meta)
+    with output_folders(out, "--out"):  # made only now; removed again if the write fails
+        save_tensors(out, model.state_dict(), meta)
     out_console.print(
         f"trained {name} ({EXAMPLES[name].description}): validation loss "
         f"{metrics['loss']:.4f}, accuracy {fmt(metrics['accuracy'])} -> {out}"
@@ -80,7 +85,11 @@ def export_cmd(
     checkpoint: Path = typer.Argument(
         ..., help="Pruned checkpoint (e.g. RUN_DIR/model.safetensors)."
     ),
-    out: Path = typer.Option(..., help="ONNX file to write; export.json is written beside it."),
+    out: Path = typer.Option(
+        ...,
+        help="ONNX file to write (missing folders are made); its receipt is OUT.json beside "
+        "it (model.onnx -> model.onnx.json).",
+    ),
     storage: str = typer.Option(
         "packed",
         help="dense, sparse (SparseTensorProto) or packed (uint8 index deltas + "
@@ -90,8 +99,16 @@ def export_cmd(
     opset: int = typer.Option(
         None, help="ONNX opset: default 18; valid 7..23 (packed/sparse need >= 11, int8 >= 13)."
     ),
+    dynamic_axis: list[str] = typer.Option(
+        [], "--dynamic-axis", metavar="NAME:DIM", help=DYNAMIC_AXIS_HELP
+    ),
     data: str = typer.Option(
         None, help="Data spec for the parity check (default: the one stored in the checkpoint)."
+    ),
+    task: str = typer.Option(
+        None,
+        help="User task module:factory whose forward(model, batch) feeds the model (as in "
+        "prune --task); the graph takes the batch's input tensors.",
     ),
     arch: str = typer.Option(None, help="Architecture for a state_dict: module:factory[?k=v]."),
     overwrite: bool = typer.Option(False, help="Replace an existing file at --out."),
@@ -99,23 +116,24 @@ def export_cmd(
     trust_code: bool = typer.Option(False, help=TRUST_CODE_HELP),
 ) -> None:
     """Export a pruned model to ONNX, verify parity in onnxruntime, and print the receipt."""
-    from prunekit.api import export_model, resolve_data
+    from prunekit.api import export_forward, export_model, resolve_data
     from prunekit.data import check_data_fits
     from prunekit.export import check_modes
+    from prunekit.rundir import output_folders
+    from prunekit.tasks import load_task
 
     check_modes(storage, quantize, opset)
-    with trusting_code(trust_code):
+    axes = dynamic_axes(dynamic_axis)
+    with trusting_code(trust_code), library_notes():
         loaded = load(checkpoint, arch, trust_pickle)
-        check_export_target(out, overwrite, checkpoint, receipt=out.with_name("export.json"))
+        check_export_target(out, overwrite, checkpoint, "--out")
         bundle = resolve_data(data_spec(data, loaded, checkpoint))
-        check_data_fits(loaded.model, bundle)
-        receipt = export_model(
-            loaded.model,
-            out,
-            bundle,
-            storage=storage,
-            quantize=quantize,
-            opset=opset,
-            overwrite=overwrite,
-        )
+        user = load_task(task) if task else None
+        check_data_fits(loaded.model, bundle, user, loss=False)  # its forward, on 2 examples
+        check_axes(axes, bundle)  # NAME and DIM against the data, before any folder is made
+        with output_folders(out, "--out"):  # made now, removed again if the export fails
+            receipt = export_model(
+                loaded.model, out, bundle, storage=storage, quantize=quantize, opset=opset,
+                overwrite=overwrite, forward=export_forward(bundle, user), dynamic_axes=axes,
+            )  # fmt: skip
     show_receipt(receipt)

@@ -4,7 +4,8 @@
 names; ``validate_recipe`` checks its settings and resolves its targets on the meta device
 (no weights, no data, no training); ``explain_recipe`` gives the step timeline without
 compute; ``run_recipe`` trains or loads the model, runs the loop with a checkpoint per
-step (resumable), writes the run directory, exports and evaluates the recipe's checks.
+step (resumable), writes the run directory, exports (``model.onnx`` and its receipt
+``model.onnx.json``, tried by a dry export before the run) and evaluates the recipe's checks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from prunekit import checkpoint as checkpoints
 from prunekit import data as data_specs
 from prunekit.analysis import log_spaced_iterations
-from prunekit.api import export_model, train_example
+from prunekit.api import check_export, export_forward, export_model, train_example
 from prunekit.criteria import CRITERIA
 from prunekit.criteria.curvature import ESTIMATORS
 from prunekit.criteria.fisher import LABELS
@@ -136,6 +137,7 @@ def run_recipe(
     data = data_specs.load_data(recipe["data"], seed=recipe["seed"])
     has_state = resume and has_checkpoint(out)
     model, arch = recipe_model(recipe, progress, train=not has_state)
+    forward = _export_forward(recipe, model, data)  # a dry export: before the run, not after
     info = {"recipe_hash": recipe_hash(recipe), "recipe": recipe}
     result = run_pruning(
         model, data, settings, progress=progress, state_dir=out, resume=resume, state_info=info
@@ -152,12 +154,25 @@ def run_recipe(
             quantize=recipe["export"]["quantize"],
             overwrite=True,
             published_path=Path(final) / "model.onnx" if final is not None else None,
-        )
+            forward=forward,
+        )  # its receipt: model.onnx.json beside it
     checks = evaluate_checks(recipe["checks"], result.report, receipt)
     result.report["checks"] = checks
     result.report["recipe"] = {"name": recipe["name"], "hash": info["recipe_hash"]}
     write_json(out / "report.json", result.report)
     return result.report, checks
+
+
+def _export_forward(recipe: dict, model: nn.Module, data):
+    """How the recipe's export feeds the model (its task's argument mapping), after a dry
+    export of the model as it is on 2 examples; None when the recipe does not export."""
+    if not recipe["export"]["enabled"]:
+        return None
+    spec = recipe["task"]["spec"]
+    forward = export_forward(data, load_task(spec) if spec else None, recipe["task"]["loss"])
+    storage, quantize = recipe["export"]["storage"], recipe["export"]["quantize"]
+    check_export(model, data, storage=storage, quantize=quantize, forward=forward)
+    return forward
 
 
 def _meta_model(recipe: dict) -> nn.Module | None:

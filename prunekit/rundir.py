@@ -49,10 +49,13 @@ PARTIAL_SUFFIX = ".prunekit-partial"
 LOCK_SUFFIX = ".prunekit-lock"
 TRASH_SUFFIX = ".prunekit-trash"
 # top-level names a run writes into DIR (design.md section 6 plus the state it resumes from);
-# with --overwrite these are replaced, every other entry of an existing DIR is kept
+# with --overwrite these are replaced, every other entry of an existing DIR is kept. A recipe
+# exports model.onnx with its receipt model.onnx.json and exporter log model.onnx.log;
+# export.json is the receipt's name in runs of older versions: replaced, never read.
 RUN_OUTPUTS = frozenset(
     {f.split("/")[0] for f in RUN_FILES}
-    | {"ntk.jsonl", "probe.json", "teacher.safetensors", "plots", "model.onnx", "export.json"}
+    | {"ntk.jsonl", "probe.json", "teacher.safetensors", "plots"}
+    | {"model.onnx", "model.onnx.json", "model.onnx.log", "export.json"}
 )
 
 
@@ -192,7 +195,7 @@ def _decide(paths: RunPaths, overwrite: bool, resume: bool, inputs, extra_files,
     return "fresh"
 
 
-def _probe(folder: Path, given: str) -> None:
+def _probe(folder: Path, given: str, option: str = "--out") -> None:
     """Create and remove a file in ``folder``: a read-only or full folder fails now, not
     after the compute."""
     try:
@@ -201,9 +204,38 @@ def _probe(folder: Path, given: str) -> None:
         os.unlink(tmp)
     except OSError as exc:
         raise RunDirError(
-            f"--out {given!r}: cannot write in the folder {str(folder)!r} "
+            f"{option} {given!r}: cannot write in the folder {str(folder)!r} "
             f"({exc.strerror or exc}); choose a writable folder"
         ) from None
+
+
+def check_output_folder(path: Path | str, option: str) -> Path:
+    """Check, before any work, that the file ``path`` (given as ``option``) can be written
+    once its missing folders are made: the nearest existing folder above it is a folder
+    and writable (a probe file is made and removed). Returns that folder; RunDirError (one
+    line, naming the path) otherwise."""
+    path = Path(path)
+    folder = _existing_ancestor(path.parent)
+    if not folder.is_dir():
+        raise RunDirError(
+            f"{option} {str(path)!r} is under {str(folder)!r}, which is a file, not a folder; "
+            "choose another path"
+        )
+    _probe(folder, str(path), option)
+    return folder
+
+
+@contextmanager
+def output_folders(path: Path | str, option: str) -> Iterator[list[Path]]:
+    """Create the missing folders above the output file ``path`` for the block (call it
+    once every check has passed); yields them. If the block raises, the folders it made
+    are removed again (those still empty): a failed command leaves nothing behind."""
+    created = _make_parents(Path(path).parent, str(path), option)
+    try:
+        yield created
+    except BaseException:
+        _remove_dirs(created)
+        raise
 
 
 def preflight(
@@ -240,8 +272,8 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _make_parents(folder: Path, given: str) -> list[Path]:
-    """Create the missing folders above the run (outermost first); returns them."""
+def _make_parents(folder: Path, given: str, option: str = "--out") -> list[Path]:
+    """Create ``folder`` and the missing ones above it (outermost first); returns them."""
     missing = []
     while not os.path.lexists(folder):
         missing.append(folder)
@@ -254,7 +286,7 @@ def _make_parents(folder: Path, given: str) -> list[Path]:
     except OSError as exc:
         _remove_dirs(created)
         raise RunDirError(
-            f"--out {given!r}: cannot create the folder {str(path)!r} ({exc.strerror or exc})"
+            f"{option} {given!r}: cannot create the folder {str(path)!r} ({exc.strerror or exc})"
         ) from None
     return created
 

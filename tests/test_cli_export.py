@@ -93,10 +93,11 @@ def test_prune_export_writes_onnx_and_receipt_in_the_run_dir(pruned_run, val_inp
     assert pruned_run["code"] == 0, pruned_run["stderr"]
     assert "Traceback" not in pruned_run["stderr"]
     out = pruned_run["out"]
-    for name in ("model.onnx", "export.json", "model.safetensors", "masks.safetensors"):
+    for name in ("model.onnx", "model.onnx.json", "model.safetensors", "masks.safetensors"):
         assert (out / name).is_file(), name
-    assert not list(out.rglob(".*.tmp"))
-    receipt = json.loads((out / "export.json").read_text())
+    assert not list(out.rglob(".*.tmp")) and not (out / "export.json").exists()
+    receipt = json.loads((out / "model.onnx.json").read_text())
+    assert receipt["path"] == str(out / "model.onnx")  # its published place
     assert receipt["storage"] == "packed" and receipt["quantize"] is None
     assert receipt["bytes"]["file"] == (out / "model.onnx").stat().st_size
     assert receipt["bytes"]["ratio"] < 1.0  # 80% sparse, packed: smaller than dense fp32
@@ -131,8 +132,8 @@ def test_export_command_every_mode(pruned_run, tmp_path, cli, val_inputs, storag
     code, stdout, stderr = cli(*args)
     assert code == 0, stderr
     assert ckpt.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "m.onnx"]
-    receipt = json.loads((tmp_path / "export.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
+    receipt = json.loads((tmp_path / "m.onnx.json").read_text())
     assert receipt["storage"] == storage and receipt["quantize"] == quantize
     assert receipt["bytes"]["file"] == path.stat().st_size
     assert receipt["bytes"]["dense_fp32"] > 0 and "verification" in receipt
@@ -145,7 +146,8 @@ def test_export_command_every_mode(pruned_run, tmp_path, cli, val_inputs, storag
     else:  # int8: the accuracy change is reported, predictions mostly agree
         assert "accuracy_change" in receipt["verification"]
         assert float((got.argmax(1) == want.argmax(1)).mean()) > 0.9
-    packed_fp32 = json.loads((pruned_run["out"] / "export.json").read_text())["bytes"]["ratio"]
+    run_receipt = json.loads((pruned_run["out"] / "model.onnx.json").read_text())
+    packed_fp32 = run_receipt["bytes"]["ratio"]
     if storage == "packed" and quantize:
         assert receipt["bytes"]["ratio"] < packed_fp32  # int8 values: smaller still
     elif storage == "packed":
@@ -186,9 +188,17 @@ def _case(tmp: Path, model: Path, name: str):
         return ["export", sd, "--out", out, "--data", "digits"], [sd], ["weights.pt", "--arch"]
     if name == "missing checkpoint":
         return ["export", tmp / "nope.safetensors", "--out", out], [], ["nope.safetensors", "exist"]
-    if name == "output directory does not exist":
+    if name == "output under a regular file":
+        (tmp / "file.txt").write_text("keep me\n")
+        path = tmp / "file.txt" / "sub" / "m.onnx"
+        return ["export", model, "--out", path], [], ["file.txt", "is a file, not a folder"]
+    if name == "missing output folder and a bad --dynamic-axis":
         path = tmp / "no_such_dir" / "m.onnx"
-        return ["export", model, "--out", path], [], ["no_such_dir", "does not exist"]
+        args = ["export", model, "--out", path, "--dynamic-axis", "pixels:1"]
+        return args, [], ["--dynamic-axis pixels:1", "no graph input is named 'pixels'"]
+    if name == "existing receipt without --overwrite":
+        (tmp / "out.onnx.json").write_text('{"keep": true}')
+        return ["export", model, "--out", out], [], ["out.onnx.json", "--overwrite"]
     if name == "existing output file without --overwrite":
         out.write_bytes(b"keep me")
         return ["export", model, "--out", out], [out], ["out.onnx", "--overwrite"]
@@ -221,7 +231,9 @@ def _case(tmp: Path, model: Path, name: str):
 BAD_INPUTS = [
     "checkpoint without an arch",
     "missing checkpoint",
-    "output directory does not exist",
+    "output under a regular file",
+    "missing output folder and a bad --dynamic-axis",
+    "existing receipt without --overwrite",
     "existing output file without --overwrite",
     "out is the input checkpoint",
     "int8 with dense",
@@ -292,13 +304,52 @@ def test_verification_failure_exits_1_and_leaves_no_file(pruned_run, tmp_path, c
     assert list(tmp_path.iterdir()) == []  # no file, no receipt, no temporary file
 
 
-def test_export_json_beside_out_is_not_silently_replaced(pruned_run, tmp_path, cli):
-    """The receipt is an output file too: an existing export.json needs --overwrite."""
+def test_two_exports_into_one_folder_each_keep_their_receipt(pruned_run, tmp_path, cli):
+    """The receipt is named after the model (a.onnx -> a.onnx.json): exports into one
+    folder never collide, and --overwrite stays per file."""
     ckpt = pruned_run["out"] / "model.safetensors"
-    (tmp_path / "export.json").write_text('{"keep": true}')
-    code, _, stderr = cli("export", ckpt, "--out", tmp_path / "other.onnx")
-    assert code == 2 and "export.json" in stderr
-    assert (tmp_path / "export.json").read_text() == '{"keep": true}'
+    for name, storage in (("a.onnx", "packed"), ("b.onnx", "dense")):
+        code, _, stderr = cli("export", ckpt, "--out", tmp_path / name, "--storage", storage)
+        assert code == 0, stderr
+    assert files(tmp_path) == {"a.onnx", "a.onnx.json", "b.onnx", "b.onnx.json"}
+    receipts = {n: json.loads((tmp_path / f"{n}.onnx.json").read_text()) for n in "ab"}
+    assert [receipts[n]["storage"] for n in "ab"] == ["packed", "dense"]
+    assert receipts["a"]["path"] == str(tmp_path / "a.onnx")
+    before = (tmp_path / "b.onnx.json").read_bytes()
+    code, _, stderr = cli("export", ckpt, "--out", tmp_path / "b.onnx")
+    assert code == 2 and "b.onnx" in stderr and "--overwrite" in stderr
+    assert (tmp_path / "b.onnx.json").read_bytes() == before
+    code, _, stderr = cli("export", ckpt, "--out", tmp_path / "b.onnx", "--overwrite")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "b.onnx.json").read_text())["storage"] == "packed"
+    assert json.loads((tmp_path / "a.onnx.json").read_text()) == receipts["a"]
+
+
+def files(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+def test_export_into_missing_folders_creates_them(pruned_run, tmp_path, cli):
+    ckpt = pruned_run["out"] / "model.safetensors"
+    target = tmp_path / "new" / "deeper" / "m.onnx"
+    code, _, stderr = cli("export", ckpt, "--out", target)
+    assert code == 0, stderr
+    assert files(tmp_path) == {"new", "new/deeper", "new/deeper/m.onnx", "new/deeper/m.onnx.json"}
+
+
+def test_a_failed_export_removes_the_folders_it_made(pruned_run, tmp_path, cli, monkeypatch):
+    from prunekit.errors import VerificationError
+    from prunekit.export import core
+
+    def failing(*args, **kwargs):
+        raise VerificationError("export parity failed: max abs diff 0.5 > 1e-05 on 8 inputs")
+
+    monkeypatch.setattr(core, "check_weights", failing)
+    ckpt = pruned_run["out"] / "model.safetensors"
+    (tmp_path / "kept").mkdir()
+    code, _, stderr = cli("export", ckpt, "--out", tmp_path / "kept" / "new" / "m.onnx")
+    assert code == 1 and "max abs diff" in stderr and stderr.count("\n") == 1, stderr
+    assert files(tmp_path) == {"kept"}  # nothing left behind, the folder that was there kept
 
 
 def test_export_data_that_does_not_fit_names_the_data(pruned_run, tmp_path, cli):
@@ -312,15 +363,30 @@ def test_export_data_that_does_not_fit_names_the_data(pruned_run, tmp_path, cli)
 # ------------------------------------------------------------------ prune --export bad input
 
 
-def test_prune_export_into_missing_directory_writes_nothing(tmp_path, digits_model_file, cli):
+def test_prune_export_refused_before_pruning_leaves_no_folder(
+    tmp_path, digits_model_file, cli, monkeypatch
+):
+    """The export's settings are tried by a dry export before any pruning: a bad one ends
+    in one line, no pruning ran, no folder was made, no temporary file is left."""
+    import tempfile
+
+    import prunekit.loop
+
+    def never(*args, **kwargs):
+        raise AssertionError("pruning ran although the export settings were bad")
+
+    monkeypatch.setattr(prunekit.loop, "run_pruning", never)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     out = tmp_path / "run"
-    code, stdout, stderr = cli(
-        "prune", digits_model_file, *PRUNE_ARGS, "--out", out,
-        "--export", tmp_path / "no_such_dir" / "m.onnx",
-    )  # fmt: skip
-    assert code == 2, stderr
-    assert "no_such_dir" in stderr and stderr.count("\n") == 1
-    assert not out.exists()  # refused before any work: no run directory either
+    for axis, needle in (("input:4", "has no axis 4"), ("input:3", "does not run at length 6")):
+        code, stdout, stderr = cli(
+            "prune", digits_model_file, *PRUNE_ARGS, "--out", out,
+            "--export", tmp_path / "no_such_dir" / "m.onnx", "--dynamic-axis", axis,
+        )  # fmt: skip
+        assert code == 2, stderr
+        assert stderr.count("\n") == 1 and f"--dynamic-axis {axis}" in stderr and needle in stderr
+        assert files(tmp_path) == {"tmp"}  # no run, no export folder, no dry-export left
 
 
 def test_prune_export_existing_file_needs_overwrite(tmp_path, digits_model_file, cli):
@@ -350,3 +416,43 @@ def test_unsupported_op_leaks_no_warnings_or_colour_codes(
     records = [f"{r.name}: {r.getMessage()[:80]}" for r in caplog.records]
     assert records == [] and leaked == "", (records, leaked[-1000:])
     assert "\x1b[" not in stderr  # no terminal colour codes inside the message
+
+
+# ------------------------------------------------------------------ example --out folders
+
+
+@pytest.fixture
+def quick_example(monkeypatch):
+    """`prunekit example` without the training: a fresh MLP and fixed metrics."""
+    import prunekit.api
+    from prunekit.checkpoint import build_model
+    from prunekit.models import EXAMPLES
+
+    def trained(name, seed=0, progress=None):
+        arch = EXAMPLES[name].arch
+        return build_model(arch), arch, EXAMPLES[name].data, {"loss": 0.5, "accuracy": 0.9}
+
+    monkeypatch.setattr(prunekit.api, "train_example", trained)
+
+
+def test_example_out_makes_missing_folders_only_when_it_writes(
+    tmp_path, cli, quick_example, monkeypatch
+):
+    from prunekit.errors import RunDirError
+    from prunekit.prune import state
+
+    target = tmp_path / "models" / "digits" / "m.safetensors"
+    code, _, stderr = cli("example", "mlp-digits", "--out", target, "--quiet")
+    assert code == 0, stderr
+    assert files(tmp_path) == {"models", "models/digits", "models/digits/m.safetensors"}
+
+    def full_disk(*args, **kwargs):
+        raise RunDirError("cannot write: no space left on device")
+
+    monkeypatch.setattr(state, "save_tensors", full_disk)
+    code, _, stderr = cli("example", "mlp-digits", "--out", tmp_path / "x" / "y" / "m.safetensors")
+    assert code == 2 and "no space left" in stderr
+    assert not (tmp_path / "x").exists()  # the folders it made are gone again
+    (tmp_path / "file.txt").write_text("keep me\n")
+    code, _, stderr = cli("example", "mlp-digits", "--out", tmp_path / "file.txt" / "m.safetensors")
+    assert code == 2 and stderr.count("\n") == 1 and "is a file, not a folder" in stderr

@@ -513,7 +513,7 @@ def test_export_with_nan_data_exits_2_before_exporting(tmp_path, model_file, cap
     line = cli_error(capsys, "export", model_file, "--out", onnx_path, "--data",
                      with_arrays(tmp_path, x=x))  # fmt: skip
     assert "x holds 1 non-finite value" in line
-    assert not onnx_path.exists() and not (tmp_path / "export.json").exists()
+    assert not onnx_path.exists() and not (tmp_path / "m.onnx.json").exists()
 
 
 def test_a_text_file_named_npz_and_object_arrays_say_what_is_wrong(tmp_path):

@@ -690,7 +690,7 @@ def test_run_export_gates(cli, tmp_path, gate_recipe):
     code, _, report = run_gate(cli, gate_recipe, tmp_path / "exp", *sets)
     assert code == 1
     by = {r["check"]: r for r in report["checks"]}
-    rec = json.loads((tmp_path / "exp" / "export.json").read_text())
+    rec = json.loads((tmp_path / "exp" / "model.onnx.json").read_text())
     assert by["max_export_bytes"]["passed"] is False
     assert (
         by["max_export_bytes"]["value"]

@@ -149,7 +149,7 @@ def check_pruned_stay_zero(run: dict) -> None:
 
 def check_export_parity(run: dict, digits) -> None:
     out = run["out"]
-    receipt = json.loads((out / "export.json").read_text())
+    receipt = json.loads((out / "model.onnx.json").read_text())
     ver = receipt["verification"]
     assert ver["max_abs_diff"] <= 1e-5 and ver["n_inputs"] > 0
     assert ver["weights"]["zeros"] >= ver["weights"]["pruned"] > 0
@@ -170,7 +170,7 @@ def check_export_parity(run: dict, digits) -> None:
 def test_prune_exits_0_and_writes_run_and_export(e2e):
     assert e2e["code"] == 0, e2e["stderr"]
     assert "Traceback" not in e2e["stderr"]
-    for name in (*RUN_FILES, "model.onnx", "export.json"):
+    for name in (*RUN_FILES, "model.onnx", "model.onnx.json"):
         assert (e2e["out"] / name).is_file(), name
     assert not list(e2e["out"].rglob(".*.tmp"))
 
@@ -228,7 +228,7 @@ def test_no_recalibrate_bn_turns_it_off_for_bnlstm(bnlstm_no_recal):
 
 def test_gru_checkpoint_prunes_and_exports(gru_run, digits):
     assert gru_run["code"] == 0, gru_run["stderr"]
-    for name in (*RUN_FILES, "model.onnx", "export.json"):
+    for name in (*RUN_FILES, "model.onnx", "model.onnx.json"):
         assert (gru_run["out"] / name).is_file(), name
     check_exact_sparsity(gru_run)
     report = report_of(gru_run)

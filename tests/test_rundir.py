@@ -167,7 +167,7 @@ def test_a_symlinked_run_folder_is_replaced_where_it_points(tmp_path):
 
 def test_output_names_include_extra_files_inside_the_run_only(tmp_path):
     out = tmp_path / "run"
-    names = output_names(out, ("pruned.onnx", "export.json", str(tmp_path / "elsewhere.onnx")))
+    names = output_names(out, ("pruned.onnx", "pruned.onnx.json", str(tmp_path / "elsewhere.onnx")))
     assert "pruned.onnx" in names and "elsewhere.onnx" not in names
     assert {"state", "report.json", "plots", "model.safetensors"} <= RUN_OUTPUTS <= names
 

@@ -452,7 +452,7 @@ def test_encoder_distillation_cli_end_to_end(tmp_path, monkeypatch, cli):
     assert set(report["estimators"].values()) == {"ekfac"}
     assert report["metrics"]["finetuned"]["cosine"] > 0.9
     assert (tmp_path / "run" / "teacher.safetensors").is_file()
-    receipt = json.loads((tmp_path / "run" / "export.json").read_text())
+    receipt = json.loads((tmp_path / "enc.onnx.json").read_text())
     assert receipt["verification"]["max_abs_diff"] <= 1e-5
     # the exported graph takes any batch and sequence length, padding included
     sess = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])

@@ -11,7 +11,7 @@ from export_models import make_mlp, random_masks
 from onnx import numpy_helper
 
 from prunekit.errors import RunDirError, SettingError, VerificationError
-from prunekit.export import core, export_onnx, receipt_table, write_receipt
+from prunekit.export import core, export_onnx, receipt_path, receipt_table, write_receipt
 
 
 def _corrupting(real):
@@ -77,7 +77,8 @@ def test_receipt_json_and_table(tmp_path):
     x, y = torch.randn(8, 20), torch.randint(0, 4, (8,))
     r = export_onnx(model, tmp_path / "m.onnx", x, quantize="int8",
                     masks=random_masks(model, 0.9), verify_targets=y)  # fmt: skip
-    out = write_receipt(r, tmp_path / "export.json")
+    out = write_receipt(r, receipt_path(tmp_path / "m.onnx"))
+    assert out == tmp_path / "m.onnx.json"
     loaded = json.loads(out.read_text())
     assert loaded["storage"] == "packed" and loaded["quantize"] == "int8"
     assert loaded["bytes"]["file"] == (tmp_path / "m.onnx").stat().st_size
@@ -87,4 +88,4 @@ def test_receipt_json_and_table(tmp_path):
     labels = dict(rows)
     assert labels["storage"] == "packed + int8" and "accuracy change" in labels
     assert "onnxruntime_packed batch64 p50/p90" in labels
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]

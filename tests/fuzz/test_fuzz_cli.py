@@ -851,9 +851,10 @@ def _(ctx: Ctx) -> Case:
     return Case(["prune", ctx.model(), *FAST, "--export", "file.txt/m.onnx"])
 
 
-@add("prune", "--export into a missing folder")
+@add("prune", "--export into a missing folder with a bad --dynamic-axis")
 def _(ctx: Ctx) -> Case:
-    return Case(["prune", ctx.model(), *FAST, "--export", "nothere/m.onnx"])
+    argv = ["prune", ctx.model(), *FAST, "--export", "nothere/m.onnx", "--dynamic-axis", "x:1"]
+    return Case(argv, expect=("--dynamic-axis x:1",))
 
 
 # ------------------------------------------------------------------ export
@@ -918,15 +919,16 @@ def _(ctx: Ctx) -> Case:
     return Case(["export", ctx.model(), "--out", "m.onnx"], max_lines=20)
 
 
-@add("export", "export.json exists without --overwrite")
+@add("export", "m.onnx.json (its receipt) exists without --overwrite")
 def _(ctx: Ctx) -> Case:
-    ctx.write("export.json", "{}\n")
+    ctx.write("m.onnx.json", "{}\n")
     return Case(["export", ctx.model(), "--out", "m.onnx"], max_lines=20)
 
 
-@add("export", "--out into a missing folder")
+@add("export", "--out into a missing folder with a bad --dynamic-axis")
 def _(ctx: Ctx) -> Case:
-    return Case(["export", ctx.model(), "--out", "nothere/m.onnx"], max_lines=20)
+    argv = ["export", ctx.model(), "--out", "nothere/m.onnx", "--dynamic-axis", "input:0"]
+    return Case(argv, expect=("--dynamic-axis input:0",), max_lines=20)
 
 
 # ------------------------------------------------------------------ plot
