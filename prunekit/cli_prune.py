@@ -269,14 +269,14 @@ def _prune_into(loaded, model: Path, out: Path, settings, options: dict) -> None
         check_export_target(export, overwrite, model)
     data_name = data_spec(options["data"], loaded, model)
     bundle = resolve_data(data_name, seed=settings.seed)
+    plan = None
+    if export is not None:  # the export's settings are tried now, never after the run
+        plan = _export_plan(loaded.model, bundle, settings, options)
     sigterm_as_interrupt()
     with distributed(settings.device) as rank:
         owned = nullcontext(None)
         if rank == 0:  # under torchrun only rank 0 writes and publishes the run
             owned = run_directory(out, overwrite=overwrite, inputs=(model,), extra_files=extra)
-    plan = None
-    if export is not None:  # the export's settings are tried now, never after the run
-        plan = _export_plan(loaded.model, bundle, settings, options)
         bars = BarProgress(enabled=not options["quiet"] and rank == 0)
         with owned as work, tracked_run(bars, None), bars:
             result = run_pruning(loaded.model, bundle, settings, progress=bars)
