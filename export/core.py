@@ -43,11 +43,13 @@ os.umask(_UMASK)
 
 log = logging.getLogger(__name__)
 
-_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+# as prune/targets.py: recurrent layers and the single-step cells a model loops over time
+_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 
 
 def default_targets(net: nn.Module) -> list[str]:
-    """Names of prunable weights: Linear/Conv weights and recurrent weight_ih*/weight_hh*."""
+    """Names of prunable weights: Linear/Conv weights and recurrent weight_ih*/weight_hh*
+    (nn.LSTM/GRU/RNN and their cells)."""
     names = []
     for mod_name, mod in net.named_modules():
         for p_name, _ in mod.named_parameters(recurse=False):

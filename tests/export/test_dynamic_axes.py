@@ -319,3 +319,21 @@ def test_size_warning_wording():
     assert line.endswith("a weight read by 8 nodes: a loop unrolled 8 times")
     assert size_warning("m.onnx", sizes, "dense", 40) is None  # dense: the file is the baseline
     assert size_warning("m.onnx", {**sizes, "file": 90}, "packed", 40) is None
+
+
+def test_cell_weights_are_default_targets_read_off_their_zeros(tmp_path):
+    """Without masks, the zeros of an nn.LSTMCell's weights are pruned entries too (as
+    prune's targets count them), so a pruned cell is stored packed."""
+    from prunekit.export import default_targets
+
+    torch.manual_seed(0)
+    model = CellSteps().eval()
+    assert {"cell.weight_ih", "cell.weight_hh", "head.weight"} == set(default_targets(model))
+    with torch.no_grad():
+        for name in ("cell.weight_ih", "cell.weight_hh"):
+            weight = model.get_parameter(name)
+            weight.mul_(torch.rand(weight.shape) > 0.8)
+    r = export_onnx(model, tmp_path / "c.onnx", torch.randn(4, 6, 4), latency=False)
+    rows = {t["name"]: t for t in r["tensors"]}
+    assert rows["cell.weight_hh"]["stored_as"] == "packed"
+    assert r["verification"]["weights"]["pruned"] > 0 and r["verification"]["max_abs_diff"] <= 1e-5
