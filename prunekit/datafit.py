@@ -40,9 +40,15 @@ def _consume_error(exc: Exception, data: DataBundle, stage: str) -> DataError:
             f"the task's {stage} cannot consume the batch: position out of range "
             f"({first_line(exc)}); batches are (inputs, targets) or inputs alone"
         )
+    hint = ""
+    if keys and isinstance(exc, TypeError) and "keyword argument" in str(exc):
+        hint = (
+            "; named inputs are passed as model(**batch): for a model called differently "
+            "(e.g. model(ids, mask)) give --task module:factory whose forward calls it"
+        )
     return DataError(
         f"data {data.name!r} with inputs {describe_inputs(data.x_train)} does not fit the "
-        f"model ({stage}): {first_line(exc)}"
+        f"model ({stage}): {first_line(exc)}{hint}"
     )
 
 

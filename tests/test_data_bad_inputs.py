@@ -533,3 +533,23 @@ def test_a_text_file_named_npz_and_object_arrays_say_what_is_wrong(tmp_path):
     with pytest.raises(DataError, match="object arrays") as info:
         load_data(str(objects))
     assert "allow_pickle" not in str(info.value)
+
+
+def test_positional_model_on_named_inputs_points_to_task():
+    from torch import nn
+
+    from prunekit.data import load_data
+    from prunekit.datafit import check_data_fits
+    from prunekit.errors import DataError
+
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(64, 4)
+
+        def forward(self, ids, mask):
+            return self.embed(ids).mean(1)
+
+    data = load_data("synthetic?task=tokens&n=50&classes=4")
+    with pytest.raises(DataError, match="input_ids.*--task module:factory"):
+        check_data_fits(Positional(), data)
