@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from prunekit.errors import DataError, SettingError, choice_error, first_line
 from prunekit.types import (
     Batch,
+    ExampleDraws,
     Task,
     batch_size,
     categorical_terms,
@@ -233,6 +234,16 @@ class DistillationTask(Task):
         noise = torch.randn(student.shape, generator=generator, dtype=student.dtype)
         scale = math.sqrt(self.variance) if self.metric == "mse" else 1.0
         return (student + scale * noise.to(student.device)).to(outputs.dtype)
+
+    def sample_examples(self, outputs: Tensor, draws: ExampleDraws) -> Tensor:
+        """``sample`` vectorised over the batch, example i from its own keyed draws: the
+        same distributions, one draw for the whole batch instead of a loop."""
+        student = self._student(outputs.detach()).float()
+        if self.metric == "kl":
+            return draws.categorical(torch.softmax(student, dim=-1))
+        noise = draws.normal(tuple(student.shape[1:]), student.device).to(student.dtype)
+        scale = math.sqrt(self.variance) if self.metric == "mse" else 1.0
+        return (student + scale * noise).to(outputs.dtype)
 
     def metrics(self, outputs: Tensor, batch: Batch) -> dict[str, float]:
         """Sums: ``loss`` (the training loss per example), ``cosine`` similarity to the

@@ -686,3 +686,22 @@ def test_sample_classes_on_the_cpu_uses_the_generator_itself():
     probs = torch.softmax(torch.randn(30, 4, generator=torch.Generator().manual_seed(1)), -1)
     want = torch.multinomial(probs, 1, generator=g2).squeeze(1)
     assert torch.equal(sample_classes(probs.log(), g1), want)
+
+
+@pytest.mark.parametrize("metric", ["kl", "mse", "cosine"])
+def test_distillation_labels_of_an_example_do_not_depend_on_its_batch(metric):
+    from prunekit.tasks import DistillationTask
+    from prunekit.types import ExampleDraws
+
+    torch.manual_seed(0)
+    outputs = torch.randn(12, 5)
+    task = DistillationTask(ClassificationTask(), metric=metric, temperature=2.0)
+    task.variance = 0.5
+    whole = task.sample_examples(outputs, ExampleDraws(prefix=7, first=0, stride=1, n=12))
+    halves = [
+        task.sample_examples(outputs[:5], ExampleDraws(prefix=7, first=0, stride=1, n=5)),
+        task.sample_examples(outputs[5:], ExampleDraws(prefix=7, first=5, stride=1, n=7)),
+    ]
+    assert torch.equal(whole, torch.cat(halves))
+    other = task.sample_examples(outputs, ExampleDraws(prefix=8, first=0, stride=1, n=12))
+    assert not torch.equal(whole, other)  # the key matters
