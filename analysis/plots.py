@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 NTK_FILE = "ntk.jsonl"
 PLOTS_DIR = "plots"
+#: drawn under loss_accuracy.png when the run has no ntk.jsonl (the log is off by default)
+NTK_OFF_NOTE = (
+    "NTK alignment not logged (off by default: it can cost several times the run); "
+    "rerun with --ntk (recipe: analysis.ntk: true) to plot it"
+)
 
 
 # What each line must hold: key -> (required?, allowed types). Numbers may be null (not
@@ -145,9 +150,12 @@ def _figure(ncols: int = 1):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def _plot_loss_accuracy(metrics: list[dict], out: Path, final: dict | None = None) -> Path:
+def _plot_loss_accuracy(
+    metrics: list[dict], out: Path, final: dict | None = None, note: str | None = None
+) -> Path:
     """Loss (and accuracy / cosine) after prune and after fine-tuning per step; ``final``
-    (report.json's metrics.finetuned) is drawn as a star half a step after the last one."""
+    (report.json's metrics.finetuned) is drawn as a star half a step after the last one;
+    ``note``, if any, is written under the panels."""
     steps = [m["step"] for m in metrics]
     panels = [("loss", "Loss", "loss_after_prune", "loss_after_finetune")]
     for key, title in (("accuracy", "Accuracy"), ("cosine", "Cosine similarity to dense")):
@@ -162,6 +170,8 @@ def _plot_loss_accuracy(metrics: list[dict], out: Path, final: dict | None = Non
             ax.plot([steps[-1] + 0.5], [value], "k*", markersize=12, label="final FT")
         ax.set(xlabel="pruning step (0 = dense)", ylabel=ylabel, title=title)
         ax.legend()
+    if note:
+        fig.supxlabel(note, fontsize=7, color="0.35")
     return _save(fig, out / "loss_accuracy.png")
 
 
@@ -323,7 +333,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     With ntk.jsonl: ntk_alignment_steps.png (train/val alignment vs step, sparsity on a
     second axis), ntk_alignment_finetune.png (alignment vs fine-tuning iteration, one line
     per step, only when records inside fine-tuning exist) and ntk_per_layer.png (heat map,
-    layer x milestone). Without ntk.jsonl those are skipped and the skip is logged. Raises
+    layer x milestone). Without ntk.jsonl those are skipped, the skip is logged and
+    loss_accuracy.png says how to turn the log on (``NTK_OFF_NOTE``). Raises
     RunDirError (see :func:`read_run`) before writing anything when the run's files are
     missing or malformed.
     """
@@ -338,7 +349,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     except OSError as err:
         raise RunDirError(f"cannot create {out} ({err.strerror or err})") from None
     final = _final_metrics(run_dir)
-    written = [_plot_loss_accuracy(metrics, out, final), _plot_sparsity(metrics, out)]
+    note = None if records else NTK_OFF_NOTE
+    written = [_plot_loss_accuracy(metrics, out, final, note), _plot_sparsity(metrics, out)]
     if not records:
         log.info("%s: no NTK records in %s; NTK plots skipped", run_dir, NTK_FILE)
         return written

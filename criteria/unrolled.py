@@ -6,6 +6,8 @@ computes the same function step by step with plain matmuls and registers the SAM
 parameter names (``weight_ih_l0``, ``bias_hh_l1_reverse``, ``weight_hr_l0`` ...), so a
 ``functional_call`` with the original model's parameter dict works on the twin unchanged.
 Eval-mode semantics only (no inter-layer dropout); PackedSequence inputs are refused.
+``PlainCell`` does the same for one step of nn.LSTMCell/GRUCell/RNNCell (whose fused
+kernels raise under vmap too): same parameter names (``weight_ih``, ``bias_hh`` ...).
 """
 
 from __future__ import annotations
@@ -112,22 +114,70 @@ class UnrolledRNN(nn.Module):
         return out, state
 
 
+def _cell_mode(cell: nn.RNNCellBase) -> str:
+    if isinstance(cell, nn.LSTMCell):
+        return "LSTM"
+    if isinstance(cell, nn.GRUCell):
+        return "GRU"
+    return "RNN_RELU" if getattr(cell, "nonlinearity", "tanh") == "relu" else "RNN_TANH"
+
+
+class PlainCell(nn.Module):
+    """One step of a given nn.LSTMCell/GRUCell/RNNCell in plain tensor ops (shares its
+    Parameter objects). forward(input, hx=None) -> h, or (h, c) for an LSTM cell; unbatched
+    (1-D) inputs too, as the original."""
+
+    def __init__(self, cell: nn.RNNCellBase):
+        super().__init__()
+        self.mode, self.hidden = _cell_mode(cell), cell.hidden_size
+        for name, p in cell.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+
+    def forward(self, x: Tensor, hx=None):
+        batched = x.dim() == 2
+        x = x if batched else x.unsqueeze(0)
+        if hx is None:
+            zeros = x.new_zeros(x.shape[0], self.hidden)
+            hx = (zeros, zeros) if self.mode == "LSTM" else zeros
+        elif not batched:
+            hx = tuple(s.unsqueeze(0) for s in hx) if isinstance(hx, tuple) else hx.unsqueeze(0)
+        h, c = hx if self.mode == "LSTM" else (hx, None)
+        gi = x @ self.weight_ih.T
+        if getattr(self, "bias_ih", None) is not None:
+            gi = gi + self.bias_ih
+        h, c = _cell(self.mode, gi, h, c, self.weight_hh, getattr(self, "bias_hh", None), None)
+        out = (h, c) if self.mode == "LSTM" else h
+        if not batched:
+            out = tuple(s.squeeze(0) for s in out) if isinstance(out, tuple) else out.squeeze(0)
+        return out
+
+
+def _twin_of(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, nn.RNNBase):
+        return UnrolledRNN(module)
+    if isinstance(module, nn.RNNCellBase):
+        return PlainCell(module)
+    return None
+
+
 def functional_twin(model: nn.Module) -> nn.Module:
-    """``model`` itself if it has no nn.RNNBase; else a copy with each one unrolled.
+    """``model`` itself if it has no nn.RNNBase or nn.RNNCellBase; else a copy with each
+    one replaced by its plain twin (``UnrolledRNN``, ``PlainCell``).
 
     The copy has the same parameter and buffer names (for ``functional_call``) and carries
     no hooks; the original model is not modified.
     """
-    if not any(isinstance(m, nn.RNNBase) for m in model.modules()):
+    if not any(isinstance(m, (nn.RNNBase, nn.RNNCellBase)) for m in model.modules()):
         return model
     twin = copy.deepcopy(model)
     for m in twin.modules():
         m._forward_hooks.clear()  # the copy must not record into the caller's hooks
         m._forward_pre_hooks.clear()
     for name, module in list(twin.named_modules()):
-        if isinstance(module, nn.RNNBase):
-            if not name:  # the model is itself an RNN
-                return UnrolledRNN(module)
+        plain = _twin_of(module)
+        if plain is not None:
+            if not name:  # the model is itself an RNN or a cell
+                return plain
             parent_name, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent_name), child, UnrolledRNN(module))
+            setattr(twin.get_submodule(parent_name), child, plain)
     return twin

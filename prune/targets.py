@@ -1,4 +1,8 @@
-"""Prunable tensors: weights of Linear, Conv and recurrent layers (never biases or norms)."""
+"""Prunable tensors: weights of Linear, Conv and recurrent layers (never biases or norms).
+
+Recurrent: nn.LSTM/GRU/RNN and their single-step cells nn.LSTMCell/GRUCell/RNNCell (a
+model that loops a cell over time), ``weight_ih*`` and ``weight_hh*``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from torch import nn
 from prunekit.errors import ModelError
 from prunekit.types import Target
 
-_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -96,7 +100,8 @@ def find_targets(
             found[full] = Target(full, mod_name, tuple(p.shape), kind)
     if not found:
         raise ModelError(
-            "the model has no prunable weights (weights of Linear, Conv1d/2d/3d, LSTM/GRU/RNN"
+            "the model has no prunable weights (weights of Linear, Conv1d/2d/3d, LSTM/GRU/RNN "
+            "and their cells"
             f"{', Embedding' if embeddings else ''}) after include={list(include)} "
             f"exclude={list(exclude)}"
         )

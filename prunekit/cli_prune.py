@@ -129,8 +129,13 @@ def prune(
     final_epochs: float = typer.Option(
         2.0, help="Epochs of the final fine-tune.", rich_help_panel=FINETUNE
     ),
-    lr: float = typer.Option(
-        0.01, help="Fine-tuning learning rate (SGD, momentum 0.9).", rich_help_panel=FINETUNE
+    lr: str = typer.Option(
+        "auto",
+        help="Fine-tuning learning rate (SGD, momentum 0.9): a number, or auto = at the first "
+        "fine-tune, train 20 steps at each of 3e-4, 1e-3, 3e-3, 1e-2, 3e-2 from the same weights "
+        "and keep the largest rate within 1% of the lowest validation loss (report.json "
+        "finetune.lr, finetune.lr_probe). Every phase hands back its best weights on validation.",
+        rich_help_panel=FINETUNE,
     ),
     optimizer: str = typer.Option(
         "sgd", help="Fine-tuning optimizer: sgd or adamw.", rich_help_panel=FINETUNE
@@ -227,8 +232,9 @@ def prune(
     The first options are the ones that matter most; the panels below group the rest.
     """
     options = dict(locals())  # first: exactly the command's options
-    from prunekit.settings import PruneSettings
+    from prunekit.settings import PruneSettings, lr_setting
 
+    options["lr"] = lr_setting(options["lr"], "--lr")  # 'auto' or a finite number > 0
     check_bounds(options, {k: "--" + k.replace("_", "-") for k in options} | {"lam": "--lambda"})
     check_bounds({"samples": fisher_samples}, {"samples": "--fisher-samples"})
     options["dynamic_axis"] = dynamic_axes(dynamic_axis)  # the form, before any loading

@@ -6,9 +6,10 @@
         scores = criterion.evaluate(model, task, targets, score batches)
         masks  = next_masks(scores, masks, s_k, scope)      # exact count, monotone
         apply masks; (OBS compensation; BatchNorm recalibration)
-        fine-tune, masks re-applied after every optimizer step
+        fine-tune, masks re-applied after every optimizer step (lr 'auto': probed once,
+            at the first phase); the phase's best weights on validation are kept
         metrics row (+ NTK alignment); checkpoint the step (resume)
-    final fine-tune; report
+    final fine-tune (same rule); report
 
 ``run_pruning`` is the whole loop; ``_prune_step`` is one step; ``_Run`` holds what
 changes while it runs (the settings are frozen).
@@ -28,13 +29,23 @@ from prunekit.analysis import log_spaced_iterations
 from prunekit.criteria.obs import obs_update
 from prunekit.data import DataBundle
 from prunekit.distill import prepare_task
-from prunekit.finetune import evaluate, finetune
+from prunekit.finetune import (
+    AUTO,
+    LR_CANDIDATES,
+    PROBE_STEPS,
+    PROBE_TOLERANCE,
+    PhaseGuard,
+    evaluate,
+    finetune,
+    lr_setting,
+    probe_lr,
+)
 from prunekit.finetune.bn import has_batchnorm, recalibrate_bn
-from prunekit.ntklog import NtkLog, ntk_log_for
+from prunekit.ntklog import NTK_DEFAULT_HINT, NtkLog, ntk_log_for
 from prunekit.preflight import validate
 from prunekit.prune.masks import apply_masks, full_masks, next_masks, sparsity_of
 from prunekit.ranks import RankSlice, label_key, rank_and_world, score_batches_of
-from prunekit.report import build_report, task_report
+from prunekit.report import build_report, finetune_report, task_report
 from prunekit.resume import restore_state, resume_plan, save_state
 from prunekit.settings import Progress, PruneResult, PruneSettings, resolve_device
 from prunekit.types import Masks, Target, Task
@@ -65,6 +76,8 @@ class _Run:
     use_recalibration: bool = False
     dense: dict | None = None
     pruned: dict | None = None
+    lr: float | None = None
+    lr_probe: dict | None = None
 
     def obs_deltas(self, curvature) -> dict:
         """OBS updates for the current masks, computed from the weights before zeroing."""
@@ -96,36 +109,96 @@ class _Run:
         after = _eval(self.model, self.task, self.data)
         return {"loss_before_recalibration": before, "loss_after_recalibration": after["loss"]}
 
-    def finetune(self, epochs: float, label: str, step: int, sparsity: float) -> None:
-        """One mask-respecting fine-tuning phase, logging NTK at log-spaced iterations."""
-        if epochs <= 0:
-            return
-        phase = self.settings.finetune_settings(epochs)
-        batches = self.data.train_batches(self.settings.batch_size, self.gen)
-        progress = self.progress
-        tick = (lambda done, total: progress(label, done, total)) if progress else None
-        on_step = None
-        if self.ntk is not None:
-            total = phase.total_steps(len(batches))
-            when = set(log_spaced_iterations(total, self.settings.ntk_every)) - {0, total}
-
-            def on_step(it: int) -> None:
-                if it in when:
-                    self.ntk(step, "finetune", it, sparsity, self.masks)
-
+    def train(self, phase, progress=None, on_step=None, generator=None) -> None:
+        """Run one fine-tuning ``phase`` on the model (DistributedDataParallel over this
+        rank's share of every batch under torchrun); batches shuffled by ``generator``
+        (default: the run's)."""
+        batches = self.data.train_batches(self.settings.batch_size, generator or self.gen)
         model, train_masks = self.model, self.masks
         rank, world = rank_and_world()
-        if world > 1:  # DistributedDataParallel over this rank's share of every batch
+        if world > 1:
             model = DistributedDataParallel(self.model)
             train_masks = {f"module.{n}": m for n, m in self.masks.items()}
             batches = RankSlice(batches, rank, world)
         finetune(
-            model, self.task, batches, phase, masks=train_masks, progress=tick, on_step=on_step
+            model, self.task, batches, phase, masks=train_masks, progress=progress, on_step=on_step
         )
 
-    def record(self, step: int, after_prune: dict, seconds: float, ntk_value) -> None:
-        """Append the metrics row of ``step`` (evaluated now, after its fine-tune)."""
-        after = _eval(self.model, self.task, self.data)
+    def phase_lr(self, epochs: float, step: int, before: dict) -> float:
+        """The fine-tuning rate: the setting, or for 'auto' the probe's choice (probed at the
+        first phase that runs, then reused; a resumed run reads it back from its rows)."""
+        if self.lr is not None:
+            return self.lr
+        chosen = lr_setting(self.settings.lr)
+        if chosen != AUTO:
+            self.lr = chosen
+            return chosen
+        for row in self.rows:  # resumed: the probe ran before the checkpoint
+            self.lr = row.get("finetune_lr", self.lr)
+            self.lr_probe = row.get("lr_probe", self.lr_probe)
+        if self.lr is None:
+            self._probe(epochs, step, before)
+        return self.lr
+
+    def _probe(self, epochs: float, step: int, before: dict) -> None:
+        """Probe the candidate rates from the current weights (none of it is kept)."""
+        phase = self.settings.finetune_settings(epochs)
+        total = phase.total_steps(len(self.data.train_batches(self.settings.batch_size, self.gen)))
+        steps = max(1, min(PROBE_STEPS, total))
+        seed = (self.settings.seed + 1) % 2**63  # the same batches for every candidate
+        progress = self.progress
+        tick = (lambda done, n: progress("lr probe", done, n)) if progress else None
+        self.lr, table = probe_lr(
+            self.model,
+            lambda p, tk: self.train(p, tk, generator=torch.Generator().manual_seed(seed)),
+            lambda: _eval(self.model, self.task, self.data),
+            phase,
+            steps=steps,
+            progress=tick,
+        )
+        self.lr_probe = {"step": step, "steps": steps, "loss_before": before["loss"]}
+        self.lr_probe.update(tolerance=PROBE_TOLERANCE, table=table)
+        log.info("lr auto: probed %s at step %d, chosen %g", LR_CANDIDATES, step, self.lr)
+
+    def finetune(
+        self, epochs: float, label: str, step: int, sparsity: float, before: dict | None = None
+    ) -> dict | None:
+        """One mask-respecting fine-tuning phase, logging NTK at log-spaced iterations, that
+        hands back its best weights on validation (never worse than ``before``, the
+        evaluation of the current weights; None = evaluate now). Returns the phase record
+        (``PhaseGuard.finish`` plus 'lr'), or None when no phase runs (epochs <= 0)."""
+        if epochs <= 0:
+            return None
+        before = before if before is not None else _eval(self.model, self.task, self.data)
+        lr = self.phase_lr(epochs, step, before)
+        phase = self.settings.finetune_settings(epochs, lr)
+        total = phase.total_steps(len(self.data.train_batches(self.settings.batch_size, self.gen)))
+        validate = lambda: _eval(self.model, self.task, self.data)  # noqa: E731
+        guard = PhaseGuard(self.model, validate, before, total, self.settings.finetune_checkpoints)
+        when = set()
+        if self.ntk is not None:
+            when = set(log_spaced_iterations(total, self.settings.ntk_every)) - {0, total}
+
+        def on_step(it: int) -> None:
+            if it in when:
+                self.ntk(step, "finetune", it, sparsity, self.masks)
+            guard.step(it)
+
+        progress = self.progress
+        tick = (lambda done, n: progress(label, done, n)) if progress else None
+        self.train(phase, tick, on_step)
+        outcome = guard.finish()
+        if outcome["kept"] != "end":
+            log.info("%s: validation loss rose; kept the weights of iteration %d of %d",
+                     label, outcome["kept_iteration"], outcome["iterations"])  # fmt: skip
+        return {"lr": lr, **outcome}
+
+    def record(
+        self, step: int, after_prune: dict, seconds: float, ntk_value, phase: dict | None = None
+    ) -> None:
+        """Append the metrics row of ``step``: after its fine-tune, from the ``phase`` record
+        of ``finetune`` (the kept weights' evaluation), or evaluated now (no phase)."""
+        after = phase["metrics"] if phase else _eval(self.model, self.task, self.data)
         global_sparsity, per_layer = sparsity_of(self.masks)
         self.rows.append(
             {
@@ -142,6 +215,22 @@ class _Run:
         )
         if "cosine" in after:  # distillation: similarity to the dense outputs
             self.rows[-1].update(cosine_after_prune=after_prune["cosine"], cosine=after["cosine"])
+        if phase:
+            self.rows[-1].update(phase_entries(phase))
+            if self.lr_probe is not None and self.lr_probe["step"] == step:
+                self.rows[-1]["lr_probe"] = self.lr_probe  # read back on resume
+
+
+def phase_entries(phase: dict) -> dict:
+    """Metrics-row entries of a fine-tuning phase record: its rate, the loss it started
+    from, and which weights it handed back ('end', 'checkpoint' or 'start' = rolled back)."""
+    return {
+        "finetune_lr": phase["lr"],
+        "loss_before_finetune": phase["loss_before"],
+        "finetune_kept": phase["kept"],
+        "finetune_kept_iteration": phase["kept_iteration"],
+        "finetune_iterations": phase["iterations"],
+    }
 
 
 def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, list[float]]:
@@ -191,8 +280,10 @@ def _prune_step(run: _Run, crit, score_batches, k: int, target: float, n_steps: 
     compensation = run.compensate(deltas, run.pruned) if deltas is not None else {}
     compensation.update(run.recalibrate(compensation.get("loss_after_compensation")))
     _ntk_now(run, k, "prune", target)
-    run.finetune(settings.finetune_epochs, f"fine-tune step {k}", k, target)
-    run.record(k, run.pruned, time.perf_counter() - t0, _ntk_now(run, k, "finetune", target))
+    before = None if compensation else run.pruned  # compensated/recalibrated: evaluate again
+    phase = run.finetune(settings.finetune_epochs, f"fine-tune step {k}", k, target, before)
+    seconds = time.perf_counter() - t0
+    run.record(k, run.pruned, seconds, _ntk_now(run, k, "finetune", target), phase)
     run.rows[-1].update(compensation)
     log.info("step %d/%d sparsity %.4f", k, n_steps, target)
     if run.progress:
@@ -234,16 +325,20 @@ def run_pruning(
         _prune_step(run, crit, score_batches, k, sparsities[k - 1], len(sparsities))
         if state_dir is not None:
             save_state(run, state_dir, k, state_info)
-    run.finetune(settings.final_epochs, "final fine-tune", len(sparsities), settings.sparsity)
+    final = run.finetune(
+        settings.final_epochs, "final fine-tune", len(sparsities), settings.sparsity
+    )
     final_ntk = _ntk_now(run, len(sparsities), "final", settings.sparsity)
-    return _finish(run, crit, teacher, final_ntk, start)
+    return _finish(run, crit, teacher, final_ntk, start, final)
 
 
-def _finish(run: _Run, crit, teacher: dict | None, final_ntk, start: float) -> PruneResult:
+def _finish(run: _Run, crit, teacher, final_ntk, start: float, final: dict | None) -> PruneResult:
     """The result of a finished run: final metrics, report (``seconds`` since ``start``,
-    the final evaluation included), NTK records and probe."""
+    the final evaluation included), NTK records and probe. final: the final fine-tune's
+    phase record (None when it did not run)."""
     model, task, settings = run.model, run.task, run.settings
-    metrics = {"dense": run.dense, "pruned": run.pruned, "finetuned": _eval(model, task, run.data)}
+    tuned = final["metrics"] if final else _eval(model, task, run.data)
+    metrics = {"dense": run.dense, "pruned": run.pruned, "finetuned": tuned}
     report = build_report(
         settings,
         crit,
@@ -256,7 +351,10 @@ def _finish(run: _Run, crit, teacher: dict | None, final_ntk, start: float) -> P
         metrics,
         time.perf_counter() - start,
     )
+    report["finetune"] = finetune_report(settings, run.lr, run.lr_probe, run.rows, final)
     report["ntk"] = {"enabled": run.ntk is not None, "final_alignment": final_ntk}
+    if run.ntk is None:
+        report["ntk"]["note"] = NTK_DEFAULT_HINT
     report["bn_recalibration"] = run.use_recalibration
     report["task"] = task_report(task, settings)
     ntk_records = run.ntk.records if run.ntk is not None else []

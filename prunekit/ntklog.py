@@ -1,10 +1,16 @@
 """The NTK alignment log of a run: fixed train/validation probes, one ntk.jsonl record per call.
 
 Whether a run logs at all: ``--ntk`` on (refused when the model/task/data cannot support
-it), ``--no-ntk`` off, and by default on only when cheap (``ntk_is_cheap``).
+it), ``--no-ntk`` or the default off. Off by default because an analysis on by default may
+cost at most 15% of the run, and this one cannot: one record (two kernels on 100-example
+probes) takes about as long as a whole fine-tuning epoch of a small MLP on digits, and a
+10-step run makes 22 records (BENCHMARKS.md, "NTK log overhead": 2.9-3.9x the run without
+it). ``NTK_DEFAULT_HINT`` is what report.json and the plots say about turning it on.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -16,12 +22,19 @@ from prunekit.errors import SettingError
 from prunekit.settings import PruneSettings
 from prunekit.types import Masks, Target, Task
 
+log = logging.getLogger(__name__)
+
 NTK_MAX_OUTPUTS = 10
 NTK_MAX_WEIGHTS = 500_000
+NTK_DEFAULT_HINT = (
+    "NTK alignment not logged: off by default (it costs 1-5x the run); pass --ntk "
+    "(recipe: analysis.ntk: true, API: ntk=True) to log it"
+)
 
 
 def ntk_is_cheap(num_outputs: int, target_weights: int) -> bool:
-    """The --ntk default: on for at most NTK_MAX_OUTPUTS outputs and NTK_MAX_WEIGHTS targets."""
+    """At most NTK_MAX_OUTPUTS outputs and NTK_MAX_WEIGHTS target weights: beyond that, an
+    asked-for log is warned about (its kernels grow as (outputs * probe examples)^2)."""
     return num_outputs <= NTK_MAX_OUTPUTS and target_weights <= NTK_MAX_WEIGHTS
 
 
@@ -81,16 +94,21 @@ def ntk_log_for(
     targets: dict[str, Target],
 ) -> NtkLog | None:
     """The run's NTK log, or None: ``settings.ntk`` True (SettingError when the model, task
-    or data cannot support it), False, or None (on only when supported and cheap)."""
+    or data cannot support it; a warning when it is not ``ntk_is_cheap``), else None (off,
+    the default: see the module docstring)."""
+    if not settings.ntk:
+        return None
     unsupported = _ntk_unsupported(model, task, data)
-    if settings.ntk and unsupported:
+    if unsupported:
         raise SettingError(f"--ntk needs {unsupported}; use --no-ntk")
-    use_ntk = settings.ntk
-    if use_ntk is None and not unsupported:
-        classifier = data.kind == "classification"
-        outputs = data.num_classes if classifier else _kernel_targets(data.y_train)[0].numel()
-        use_ntk = ntk_is_cheap(outputs, sum(t.numel for t in targets.values()))
-    return NtkLog(model, task, data, settings, targets) if use_ntk else None
+    classifier = data.kind == "classification"
+    outputs = data.num_classes if classifier else _kernel_targets(data.y_train)[0].numel()
+    if not ntk_is_cheap(outputs, sum(t.numel for t in targets.values())):
+        log.warning(
+            "--ntk on %d outputs and %d target weights: the log may take longer than the run",
+            outputs, sum(t.numel for t in targets.values()),
+        )  # fmt: skip
+    return NtkLog(model, task, data, settings, targets)
 
 
 def _ntk_unsupported(model: nn.Module, task: Task, data: DataBundle) -> str | None:

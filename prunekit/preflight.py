@@ -12,6 +12,7 @@ from prunekit.analysis import log_spaced_iterations
 from prunekit.criteria.fisher import check_labels
 from prunekit.data import DataBundle, check_data_fits
 from prunekit.errors import DataError, SettingError, choice_error
+from prunekit.finetune import checkpoint_iterations, lr_setting
 from prunekit.prune.masks import SCOPES
 from prunekit.prune.schedules import schedule
 from prunekit.prune.targets import find_targets
@@ -43,8 +44,10 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     for name in ("score_examples", "score_batch_size", "batch_size"):
         if getattr(settings, name) < 1:
             raise SettingError(f"{name} must be >= 1, got {getattr(settings, name)!r}")
+    lr_setting(settings.lr)  # 'auto' or a finite number > 0 (one line naming the value)
     settings.finetune_settings(settings.finetune_epochs)
     settings.finetune_settings(settings.final_epochs)
+    checkpoint_iterations(1, settings.finetune_checkpoints)  # an integer >= 1
     log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
     targets = find_targets(model, settings.include, settings.exclude, settings.embeddings)
     return crit, sparsities, targets

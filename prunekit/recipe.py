@@ -55,7 +55,8 @@ class Field:
     numbers must fall in: low <= value (value > low when low_open), value <= high (value < high
     when high_open); None = unbounded. ``choices`` names a registry (see ``load_recipe``);
     ``cap``: a sanity bound far above any useful value (prunekit.limits), so a typo ends in
-    one line instead of a MemoryError."""
+    one line instead of a MemoryError. ``words``: strings a numeric key also accepts (e.g.
+    finetune.lr: auto)."""
 
     types: tuple[type, ...]
     default: object
@@ -66,6 +67,7 @@ class Field:
     high_open: bool = False
     choices: str | None = None
     cap: float | None = None
+    words: tuple[str, ...] = ()
 
 
 def _f(types, default, help_text, **limits):
@@ -119,7 +121,10 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
     },
     "finetune": {
         "optimizer": _f(str, "sgd", "fine-tuning optimizer", choices="optimizer"),
-        "lr": _f(NUM, 0.01, "learning rate", low=0, low_open=True),
+        "lr": _f(
+            (*NUM, str), "auto", "learning rate; auto = probe a few rates at the first fine-tune",
+            low=0, low_open=True, words=("auto",),
+        ),  # fmt: skip
         "momentum": _f(NUM, 0.9, "SGD momentum", low=0, high=1, high_open=True),
         "weight_decay": _f(NUM, 5e-4, "weight decay", low=0),
         "batch_size": _f(int, 100, "batch size", low=1, cap=MAX_EXAMPLES),
@@ -174,14 +179,24 @@ def _type_names(types: tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
+def _expected(spec: Field) -> str:
+    """What a key accepts, in words: its types, and for ``words`` those strings instead."""
+    if not spec.words:
+        return _type_names(spec.types)
+    kinds = _type_names(tuple(t for t in spec.types if t is not str))
+    return f"{kinds} or {' or '.join(repr(w) for w in spec.words)}"
+
+
 def _check_type(path: str, value, spec: Field, where: str) -> None:
+    if spec.words and isinstance(value, str) and value in spec.words:
+        return
     ok = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
     if ok and isinstance(value, float) and not math.isfinite(value):
         ok = False
+    if ok and spec.words and isinstance(value, str):
+        ok = False  # a string other than the words
     if not ok:
-        raise RecipeError(
-            f"{where}: {path} = {value!r} must be {_type_names(spec.types)} ({spec.help})"
-        )
+        raise RecipeError(f"{where}: {path} = {value!r} must be {_expected(spec)} ({spec.help})")
     if isinstance(value, list) and not all(isinstance(v, str) for v in value):
         raise RecipeError(f"{where}: {path} must be a list of strings (glob patterns)")
     _check_range(path, value, spec, where)

@@ -83,7 +83,7 @@ def settings_from_recipe(recipe: dict) -> PruneSettings:
         final_epochs=float(ft["final_epochs"]),
         batch_size=ft["batch_size"],
         optimizer=ft["optimizer"],
-        lr=float(ft["lr"]),
+        lr=ft["lr"] if isinstance(ft["lr"], str) else float(ft["lr"]),  # 'auto' or a number
         momentum=float(ft["momentum"]),
         weight_decay=float(ft["weight_decay"]),
         include=tuple(recipe["targets"]["include"]),

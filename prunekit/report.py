@@ -36,6 +36,11 @@ STEP_KEYS = (
     "loss_after_recalibration",
     "cosine_after_prune",
     "cosine",
+    "finetune_lr",
+    "loss_before_finetune",
+    "finetune_kept",
+    "finetune_kept_iteration",
+    "finetune_iterations",
 )
 _GATES = {"LSTM": ("input", "forget", "cell", "output"), "GRU": ("reset", "update", "new")}
 
@@ -52,7 +57,8 @@ def _param_counts(model: nn.Module, targets: dict[str, Target]) -> dict[str, int
 def _gate_sparsity(model: nn.Module, targets: dict[str, Target], masks: Masks) -> dict:
     """Recurrent targets: fraction pruned per gate (rows split in gate blocks, torch order).
 
-    nn.LSTM and BN-LSTM cells stack gates i, f, g, o; nn.GRU r, z, n.
+    nn.LSTM, nn.LSTMCell and BN-LSTM cells stack gates i, f, g, o; nn.GRU and nn.GRUCell
+    r, z, n (nn.RNN/RNNCell have no gates and get no entry).
     """
     modules = dict(model.named_modules())
     out = {}
@@ -61,7 +67,8 @@ def _gate_sparsity(model: nn.Module, targets: dict[str, Target], masks: Masks) -
             continue
         module = modules[target.module]
         kind = getattr(module, "original_name", None) or type(module).__name__
-        gates = _GATES["GRU"] if kind == "GRU" else _GATES["LSTM"] if "LSTM" in kind else None
+        gru = kind in ("GRU", "GRUCell")
+        gates = _GATES["GRU"] if gru else _GATES["LSTM"] if "LSTM" in kind else None
         rows = masks[name].shape[0]
         if gates is None or rows % len(gates):
             continue
@@ -96,6 +103,29 @@ def build_report(settings, crit, task, model, targets, masks, rows, estimators, 
         "settings": {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
         },
+    }
+
+
+def finetune_report(settings: PruneSettings, lr, lr_probe, rows: list[dict], final) -> dict:
+    """report.json 'finetune': ``lr`` (the rate every phase used; None when no phase ran),
+    ``lr_setting`` ('auto' or the number asked for), ``lr_probe`` (for 'auto': the probing
+    step, steps per candidate, validation loss before, and the table {lr, loss, accuracy}),
+    ``checkpoints`` (validation evaluations per phase), ``rolled_back`` (steps whose phase
+    handed back earlier weights than its last) and ``final`` (the final phase: kept,
+    kept_iteration, iterations, loss_before, loss; None when it did not run)."""
+    if lr is None and settings.lr != "auto":
+        lr = float(settings.lr)
+    final_entry = None
+    if final is not None:
+        final_entry = {k: final[k] for k in ("kept", "kept_iteration", "iterations")}
+        final_entry.update(loss_before=final["loss_before"], loss=final["metrics"]["loss"])
+    return {
+        "lr": lr,
+        "lr_setting": settings.lr,
+        "lr_probe": lr_probe,
+        "checkpoints": settings.finetune_checkpoints,
+        "rolled_back": [r["step"] for r in rows if r.get("finetune_kept") not in (None, "end")],
+        "final": final_entry,
     }
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from prunekit.criteria import CRITERIA, make_criterion
 from prunekit.errors import SettingError, choice_error
-from prunekit.finetune import FinetuneSettings
+from prunekit.finetune import AUTO, LR_CANDIDATES, FinetuneSettings, lr_setting
 from prunekit.types import Masks, Task
 
 # progress(label, done, total): the CLI draws bars from these calls; None = silent.
@@ -33,11 +33,17 @@ class PruneSettings:
     examples used to score (first N, fixed); score_batch_size: examples per scoring batch
     (memory: curvature passes hold every target layer's inputs and outputs for a batch);
     finetune_epochs: fine-tuning after each step (0 = the paper's mode: all steps first);
-    final_epochs: the last fine-tune; batch_size, optimizer, lr, momentum, weight_decay:
-    fine-tuning; include/exclude: target name patterns; seed: every random choice; device:
-    'cpu', 'cuda' or 'auto'; ntk: log the tangent-kernel alignment (None = only when cheap,
-    see ``ntk_is_cheap``); ntk_every: fine-tuning iterations to log at ('xM' log-spaced by
-    factor M, 'N' every N); probe_train/probe_val: examples in the fixed NTK probes;
+    final_epochs: the last fine-tune; batch_size, optimizer, momentum, weight_decay:
+    fine-tuning; lr: the fine-tuning rate, a number > 0 or 'auto' (probe LR_CANDIDATES for
+    a few steps at the first phase, keep the largest rate within 1% of the lowest validation
+    loss, reuse it; see finetune/lrprobe.py);
+    finetune_checkpoints: validation evaluations per fine-tuning phase, the end included
+    (each phase hands back its weights with the lowest validation loss, the start's
+    included, so it never makes the model worse on validation); include/exclude: target
+    name patterns; seed: every random choice; device: 'cpu', 'cuda' or 'auto'; ntk: log
+    the tangent-kernel alignment (None = off: the log can cost several times the run, see
+    ntklog.py); ntk_every: fine-tuning iterations to log at ('xM' log-spaced by factor M,
+    'N' every N); probe_train/probe_val: examples in the fixed NTK probes;
     refit_basis_every: EKFAC eigenbasis refit period in steps (0 = keep the first basis,
     refit only the scaling); compensate: apply the OBS update to surviving weights within
     each step (kfac/ekfac); masked_scaling: refit EKFAC's scaling from masked per-example
@@ -69,7 +75,7 @@ class PruneSettings:
     final_epochs: float = 2.0
     batch_size: int = 100
     optimizer: str = "sgd"
-    lr: float = 0.01
+    lr: float | str = "auto"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     include: tuple[str, ...] = ()
@@ -89,13 +95,19 @@ class PruneSettings:
     temperature: float = 1.0
     task_spec: str | None = None
     embeddings: bool = False
+    finetune_checkpoints: int = 1
 
-    def finetune_settings(self, epochs: float) -> FinetuneSettings:
-        """The fine-tuning phase settings for ``epochs`` epochs."""
+    def finetune_settings(self, epochs: float, lr: float | None = None) -> FinetuneSettings:
+        """The fine-tuning phase settings for ``epochs`` epochs at rate ``lr`` (None = the
+        ``lr`` setting; for 'auto', the smallest probe candidate, which serves validation
+        only: the loop passes the probed rate). SettingError for a bad ``lr`` setting."""
+        if lr is None:
+            lr = lr_setting(self.lr)
+            lr = LR_CANDIDATES[0] if lr == AUTO else lr
         return FinetuneSettings(
             epochs=epochs,
             optimizer=self.optimizer,
-            lr=self.lr,
+            lr=lr,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )

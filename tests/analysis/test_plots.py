@@ -112,7 +112,7 @@ def test_loss_plot_reads_the_final_finetune_from_the_report(tmp_path, monkeypatc
     monkeypatch.setattr(
         plots,
         "_plot_loss_accuracy",
-        lambda m, o, final=None: seen.append(final) or original(m, o, final),
+        lambda m, o, final=None, note=None: seen.append(final) or original(m, o, final, note),
     )
     plot_run(tmp_path)
     (tmp_path / "report.json").write_text(

@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, vjp
 
 import prunekit.criteria.fisher as fisher
 from prunekit.criteria import fit_diag
-from prunekit.criteria.unrolled import UnrolledRNN, functional_twin
+from prunekit.criteria.unrolled import PlainCell, UnrolledRNN, functional_twin
 from prunekit.models import lstm
 from prunekit.prune.targets import find_targets
 from prunekit.types import ClassificationTask
@@ -153,3 +153,128 @@ def test_functional_twin_leaves_the_model_alone():
     assert [n for n, _ in twin.named_parameters()] == [n for n, _ in model.named_parameters()]
     x, _ = data()
     torch.testing.assert_close(twin(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------ nn.LSTMCell / GRUCell / RNNCell loops
+
+
+class CellLoop(nn.Module):
+    """A user model that loops a single-step cell over time, classified from the last h."""
+
+    def __init__(self, kind: str, features: int = 3, hidden: int = 4, classes: int = 3):
+        super().__init__()
+        self.kind, self.hidden = kind, hidden
+        make = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind]
+        self.cell = make(features, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):  # (N, T, F)
+        h = x.new_zeros(x.shape[0], self.hidden)
+        c = x.new_zeros(x.shape[0], self.hidden)
+        for t in range(x.shape[1]):
+            if self.kind == "lstm":
+                h, c = self.cell(x[:, t], (h, c))
+            else:
+                h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+def cell_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = CellLoop(kind).double().eval()
+    with torch.no_grad():  # larger recurrent weights: a non-trivial Fisher
+        model.cell.weight_hh.mul_(2.0)
+    return model
+
+
+CELL_KINDS = ["lstm", "gru", "rnn"]
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_cell_weights_are_recurrent_targets(kind):
+    targets = find_targets(cell_model(kind))
+    assert {n: t.kind for n, t in targets.items()} == {
+        "cell.weight_ih": "recurrent",
+        "cell.weight_hh": "recurrent",
+        "head.weight": "linear",
+    }
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("labels", ["empirical", "exact"])
+def test_diag_fisher_of_cell_weights_equals_the_float64_oracle(kind, labels):
+    model = cell_model(kind)
+    x, y = data()
+    targets = find_targets(model)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    diag = fit_diag(model, CLS, targets, batches, labels=labels)
+    want = empirical_oracle(model, x, y) if labels == "empirical" else true_fisher_oracle(model, x)
+    assert_close(diag.values, want, targets)
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_cell_vmap_path_runs_and_equals_the_per_example_loop(kind, monkeypatch):
+    """Cells go through their plain twins under vmap (the fused cell kernels raise there)."""
+    model = cell_model(kind)
+    assert isinstance(functional_twin(model).cell, PlainCell)
+    x, y = data(5)
+    names = ["cell.weight_ih", "cell.weight_hh"]
+    params = dict(model.named_parameters())
+    sets = [torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    fast = fisher._vmap_sq_grads(model, CLS, (x, y), sets, names, params)
+
+    def broken(*args):
+        raise RuntimeError("vmap unavailable")
+
+    monkeypatch.setattr(fisher, "_vmap_sq_grads", broken)
+    slow = {n: torch.zeros_like(params[n]) for n in names}
+    with torch.enable_grad():
+        fisher._loop_sq_grads(model, CLS, (x, y), sets, names, params, slow)
+    for n in names:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-10, atol=1e-14)
+        assert float(slow[n].abs().max()) > 1e-8
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (nn.LSTMCell, {}),
+        (nn.GRUCell, {"bias": False}),
+        (nn.RNNCell, {"nonlinearity": "relu"}),
+        (nn.RNNCell, {}),
+    ],
+)
+def test_plain_cell_computes_what_the_fused_cell_computes(cls, kwargs):
+    torch.manual_seed(0)
+    cell = cls(3, 5, **kwargs).double()
+    twin = PlainCell(cell)
+    assert [n for n, _ in twin.named_parameters()] == [n for n, _ in cell.named_parameters()]
+    x = torch.randn(4, 3, dtype=torch.float64)
+    state = (
+        (torch.randn(4, 5, dtype=torch.float64),) * 2
+        if cls is nn.LSTMCell
+        else torch.randn(4, 5, dtype=torch.float64)
+    )
+    for args in ((x,), (x, state), (x[0],)):  # zero state, given state, unbatched
+        for a, b in zip(torch.utils._pytree.tree_leaves(twin(*args)),
+                        torch.utils._pytree.tree_leaves(cell(*args)), strict=True):  # fmt: skip
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["kfac", "ekfac"])
+def test_kfac_and_ekfac_fall_back_to_diag_for_cell_weights(estimator):
+    """KFAC/EKFAC factor the head and give the cell weights the diagonal estimator: same
+    values as fit_diag with the same labels, and 'diag' in ``estimators()``."""
+    from prunekit.criteria import fit_curvature
+
+    model = cell_model("lstm")
+    x, y = data()
+    targets = find_targets(model)
+    curv = fit_curvature(estimator, model, CLS, targets, [(x, y)], labels="empirical")
+    assert curv.estimators() == {
+        "cell.weight_ih": "diag",
+        "cell.weight_hh": "diag",
+        "head.weight": estimator,
+    }
+    oracle = empirical_oracle(model, x, y)
+    assert_close(curv.diagonal(), oracle, ["cell.weight_ih", "cell.weight_hh"])

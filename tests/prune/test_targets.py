@@ -180,3 +180,27 @@ def test_a_tied_head_is_a_target_under_its_parameter_name():
     assert list(targets) == ["embed.weight"] and targets["embed.weight"].kind == "other"
     both = find_targets(Tied(), embeddings=True)
     assert list(both) == ["embed.weight"]
+
+
+def test_rnn_cells_are_recurrent_targets():
+    """nn.LSTMCell/GRUCell/RNNCell looped by a user's forward (issue 15: `--include
+    'vad.lstm_cell.*'` found "no prunable weights")."""
+
+    class Vad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm_cell = nn.LSTMCell(3, 4)
+            self.gru_cell = nn.GRUCell(3, 4, bias=False)
+            self.rnn_cell = nn.RNNCell(3, 4, nonlinearity="relu")
+
+    model = nn.Sequential()
+    model.add_module("vad", Vad())
+    targets = find_targets(model)
+    cells = ("lstm_cell", "gru_cell", "rnn_cell")
+    assert {n: t.kind for n, t in targets.items()} == {
+        f"vad.{c}.{w}": "recurrent" for c in cells for w in ("weight_ih", "weight_hh")
+    }
+    assert targets["vad.lstm_cell.weight_ih"].shape == (16, 3)
+    assert targets["vad.gru_cell.weight_hh"].module == "vad.gru_cell"
+    only = find_targets(model, include=("vad.lstm_cell.*",))
+    assert list(only) == ["vad.lstm_cell.weight_ih", "vad.lstm_cell.weight_hh"]  # no biases
