@@ -31,7 +31,7 @@ from prunekit.finetune import FinetuneSettings, evaluate, finetune
 from prunekit.loop import run_pruning
 from prunekit.models import EXAMPLES
 from prunekit.prune.targets import find_targets
-from prunekit.report import data_report, write_run
+from prunekit.report import write_run
 from prunekit.settings import Progress, PruneResult, PruneSettings
 from prunekit.tasks import as_task, base_task
 from prunekit.types import LabelKey, Masks, Task, make_task, take_rows
@@ -103,7 +103,6 @@ def prune(
     cfg = _settings_from(settings)
     bundle = resolve_data(data, seed=cfg.seed, val=val)
     result = run_pruning(model, bundle, cfg, task=task)
-    result.report["data"] = data_report(bundle)
     if out is not None:
         write_run(out, result, None, bundle.name)
     return result

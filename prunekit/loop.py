@@ -45,7 +45,7 @@ from prunekit.ntklog import NTK_DEFAULT_HINT, NtkLog, ntk_log_for
 from prunekit.preflight import validate
 from prunekit.prune.masks import apply_masks, full_masks, next_masks, sparsity_of
 from prunekit.ranks import RankSlice, label_key, rank_and_world, score_batches_of
-from prunekit.report import build_report, finetune_report, task_report
+from prunekit.report import build_report, data_report, finetune_report, task_report
 from prunekit.resume import restore_state, resume_plan, save_state
 from prunekit.settings import Progress, PruneResult, PruneSettings, resolve_device
 from prunekit.types import Masks, Target, Task
@@ -357,6 +357,7 @@ def _finish(run: _Run, crit, teacher, final_ntk, start: float, final: dict | Non
         report["ntk"]["note"] = NTK_DEFAULT_HINT
     report["bn_recalibration"] = run.use_recalibration
     report["task"] = task_report(task, settings)
+    report["data"] = data_report(run.data)
     ntk_records = run.ntk.records if run.ntk is not None else []
     probe = run.ntk.probe if run.ntk is not None else None
     return PruneResult(model, run.masks, report, run.rows, ntk_records, probe, teacher)

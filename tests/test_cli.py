@@ -86,6 +86,7 @@ def test_e2e_report_has_every_documented_key(e2e):
         assert row["step"] == k
         assert "ntk_alignment" in row
     assert report["seconds"] > 0
+    assert report["data"] == {"split": "random 80/20 (seed 0)", "train": 1438, "val": 359}
     assert report["metrics"]["dense"]["accuracy"] > 0.8  # the fixture model learned digits
     assert report["metrics"]["finetuned"]["accuracy"] > 0.5
 
