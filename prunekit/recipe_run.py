@@ -26,7 +26,7 @@ from prunekit.criteria import CRITERIA
 from prunekit.criteria.curvature import ESTIMATORS
 from prunekit.criteria.fisher import LABELS
 from prunekit.errors import CheckpointError, SettingError, choice_error, first_line
-from prunekit.finetune import OPTIMIZERS
+from prunekit.finetune import AUTO, LR_CANDIDATES, OPTIMIZERS, PROBE_STEPS
 from prunekit.loop import run_pruning
 from prunekit.models import EXAMPLES
 from prunekit.prune.masks import SCOPES
@@ -269,6 +269,19 @@ def _label_terms(crit, classes: int) -> int:
     return crit.samples if labels == "sampled" else 1
 
 
+def _lr_probe_cost(settings: PruneSettings, data, totals: dict) -> list[str]:
+    """With lr 'auto': add the probe's passes to ``totals``; the note that explains them."""
+    if settings.lr != AUTO or (settings.finetune_epochs <= 0 and settings.final_epochs <= 0):
+        return []
+    train = len(LR_CANDIDATES) * PROBE_STEPS * min(settings.batch_size, data.n_train)
+    totals["finetune_forward"] += train + len(LR_CANDIDATES) * data.n_val
+    totals["finetune_backward"] += train
+    return [
+        f"lr auto: {len(LR_CANDIDATES)} rates x {PROBE_STEPS} batches probed at the first "
+        f"fine-tune, each then evaluated on {data.n_val} validation examples (counted)"
+    ]
+
+
 def explain_recipe(recipe: dict) -> dict:
     """The step timeline of a recipe without any training or scoring.
 
@@ -309,7 +322,7 @@ def explain_recipe(recipe: dict) -> dict:
     }
     totals["finetune_forward"] += final_ft
     totals["finetune_backward"] += final_ft
-    notes = [
+    notes = _lr_probe_cost(settings, data, totals) + [
         f"{n_train} training examples, {n_score} scored; final fine-tune "
         f"{settings.final_epochs:g} epochs; passes counted per example"
     ]

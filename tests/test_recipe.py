@@ -721,3 +721,17 @@ def load_model_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def test_explain_counts_the_lr_probe_only_with_lr_auto(tmp_path, base):
+    from prunekit.finetune import LR_CANDIDATES, PROBE_STEPS
+
+    fixed = explain_recipe(load_recipe(write(tmp_path / "r.yaml", base)))
+    base["finetune"]["lr"] = "auto"
+    auto = explain_recipe(load_recipe(write(tmp_path / "r.yaml", base)))
+    probe = len(LR_CANDIDATES) * PROBE_STEPS * 50  # batch_size 50 in the base recipe
+    extra = auto["totals"]["finetune_backward"] - fixed["totals"]["finetune_backward"]
+    assert extra == probe
+    assert auto["totals"]["finetune_forward"] - fixed["totals"]["finetune_forward"] > probe
+    assert any(note.startswith("lr auto:") for note in auto["notes"])
+    assert not any(note.startswith("lr auto:") for note in fixed["notes"])
