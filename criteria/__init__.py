@@ -19,6 +19,9 @@ from prunekit.criteria.scores import (
     make_criterion,
     taylor_score,
 )
+from prunekit.criteria.wanda import Wanda, input_sq_norms, wanda_score
+
+CRITERIA["wanda"] = Wanda  # registered here: wanda.py builds on scores.TaylorCriterion
 
 __all__ = [
     "CRITERIA",
@@ -32,12 +35,14 @@ __all__ = [
     "KFAC",
     "ScoreResult",
     "TaylorCriterion",
+    "Wanda",
     "default_labels",
     "eigenbasis",
     "fit_curvature",
     "fit_diag",
     "fit_ekfac",
     "fit_kfac",
+    "input_sq_norms",
     "make_criterion",
     "mean_gradient",
     "obs_saliency",
@@ -45,4 +50,5 @@ __all__ = [
     "refit_scaling",
     "squared_gradient_sums",
     "taylor_score",
+    "wanda_score",
 ]
