@@ -90,6 +90,7 @@ class Wanda(TaylorCriterion):
 
     uses_gradient: ClassVar[bool] = False
     uses_curvature: ClassVar[bool] = False
+    uses_inputs: ClassVar[bool] = True  # one forward pass per scoring example (explain counts it)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -299,7 +299,10 @@ def explain_recipe(recipe: dict) -> dict:
     rows = []
     for k, s in enumerate(checked["steps"], start=1):
         passes = 2 if crit.uses_curvature and crit.fisher == "ekfac" and k == 1 else 1
-        score_fwd = n_score * (int(crit.uses_gradient) + passes * int(crit.uses_curvature))
+        inputs_only = getattr(crit, "uses_inputs", False) and not crit.uses_gradient
+        score_fwd = n_score * (
+            int(crit.uses_gradient or inputs_only) + passes * int(crit.uses_curvature)
+        )
         score_bwd = n_score * (int(crit.uses_gradient) + passes * terms)
         ft = settings.finetune_epochs * n_train
         rows.append(

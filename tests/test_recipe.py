@@ -735,3 +735,9 @@ def test_explain_counts_the_lr_probe_only_with_lr_auto(tmp_path, base):
     assert auto["totals"]["finetune_forward"] - fixed["totals"]["finetune_forward"] > probe
     assert any(note.startswith("lr auto:") for note in auto["notes"])
     assert not any(note.startswith("lr auto:") for note in fixed["notes"])
+
+
+def test_explain_counts_wanda_forward_passes(tmp_path, base):
+    base["criterion"] = {"name": "wanda", "score_examples": 200}
+    plan = explain_recipe(load_recipe(write(tmp_path / "r.yaml", base)))
+    assert all(r["score_forward"] == 200 and r["score_backward"] == 0 for r in plan["rows"])
