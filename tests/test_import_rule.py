@@ -1,7 +1,7 @@
 """The import rule of design.md section 2 (and ARCHITECTURE.md), checked with ``ast``.
 
 Rooms (prune, criteria, finetune, analysis, models, export) import from prunekit only
-prunekit.types, prunekit.errors, prunekit.prune.masks and their own room: never another
+prunekit.types, prunekit.errors, prunekit.prune.masks, prunekit.prune.groups and their own room: never another
 room, never a module of prunekit/. In prunekit/, the base modules (the shared vocabulary,
 checkpoints, data specs, the recipe schema, tasks, trust, limits, the console) use at most
 one room; every other module is the wiring layer, which joins rooms: one concern per module
@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = ("prune", "criteria", "finetune", "analysis", "models", "export")
-SHARED = ("prunekit.types", "prunekit.errors", "prunekit.prune.masks")
+SHARED = ("prunekit.types", "prunekit.errors", "prunekit.prune.masks", "prunekit.prune.groups")
 # prunekit/ modules that are not wiring: at most one room each (types and errors: none, as
 # every room imports them). Every other module in prunekit/ is wiring or CLI.
 BASE = {
