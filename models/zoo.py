@@ -54,18 +54,25 @@ def cnn(
     hidden: int = 64,
     classes: int = 10,
     act: str = "relu",
+    bn: bool | int = False,
 ) -> nn.Sequential:
     """Small conv classifier: [Conv3x3(pad 1), act, MaxPool2] per entry of ``channels``,
     then Flatten, Linear(hidden), act, Linear(classes).
 
-    Inputs (N, in_channels, image_size, image_size); outputs (N, classes) logits.
+    bn: true/1 puts a BatchNorm2d between each conv and its activation (Conv -> BN -> act ->
+    pool; the conv then has no bias, BN's beta carries it). Inputs (N, in_channels,
+    image_size, image_size); outputs (N, classes) logits.
     """
     widths = _ints(channels, "channels")
     act_cls = _activation(act)
+    if bn not in (0, 1):  # also True/False; arch specs parse bn=1 as 1 and bn=true as True
+        raise SettingError(f"bn {bn!r} must be 0/1 or true/false")
     layers: list[nn.Module] = []
     c_in, size = int(in_channels), int(image_size)
     for c_out in widths:
-        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), act_cls(), nn.MaxPool2d(2)]
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not bn)
+        norm = [nn.BatchNorm2d(c_out)] if bn else []
+        layers += [conv, *norm, act_cls(), nn.MaxPool2d(2)]
         c_in, size = c_out, size // 2
     if size < 1:
         raise SettingError(f"image_size {image_size} is too small for {len(widths)} pooling stages")

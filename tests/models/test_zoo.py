@@ -109,3 +109,24 @@ def test_arch_spec_reaches_the_factory():
     assert isinstance(model[2], nn.ReLU) and model[1].out_features == 7
     with pytest.raises(CheckpointError, match="swish"):
         build_model("prunekit.models:mlp?sizes=5,7,2&act=swish")
+
+
+@pytest.mark.parametrize("bn", [1, True])
+def test_cnn_bn_option_puts_batchnorm_between_conv_and_activation(bn):
+    model = cnn(image_size=8, channels="3,4", hidden=5, bn=bn)
+    kinds = [type(m).__name__ for m in model]
+    assert kinds[:8] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 2
+    assert all(m.bias is None for m in model if isinstance(m, nn.Conv2d))
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    # BN parameters are never targets: the same two convs and two Linears as without bn
+    assert [t.kind for t in find_targets(model).values()] == ["conv"] * 2 + ["linear"] * 2
+    built = build_model("prunekit.models:cnn?image_size=8&channels=3,4&bn=1")
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in built) == 2
+
+
+def test_cnn_without_bn_is_unchanged_and_bad_bn_is_refused():
+    plain = cnn(image_size=8, channels="3", hidden=5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain)
+    assert plain[0].bias is not None
+    with pytest.raises(SettingError, match="bn 2"):
+        cnn(bn=2)
