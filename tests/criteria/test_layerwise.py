@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.criteria.layerwise import LayerwiseResult, prune_layerwise
+from prunekit.criteria.obc import sparsegpt_rows
 from prunekit.errors import DataError, SettingError
 from prunekit.prune.targets import find_targets
 
@@ -229,3 +230,45 @@ def test_no_calibration_data_is_a_data_error():
     model = make(MLP, 10)
     with pytest.raises(DataError, match="no calibration batches"):
         prune_layerwise(model, forward, find_targets(model), [], {"inp.weight": 3}, {})
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 2, groups=2)
+        self.head = nn.Linear(4 * 3 * 3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("solver", ["exact", "sparsegpt"])
+def test_grouped_conv_is_pruned_per_group_with_one_count(solver):
+    model = make(Grouped, 11)
+    dense = copy.deepcopy(model)
+    targets = find_targets(model)
+    data = batches((4, 4, 4), seed=12, size=10)
+    counts = {"conv.weight": 19}
+    result = prune_layerwise(
+        model, forward, targets, data, counts, {}, solver=solver, damping=1e-12
+    )
+    keep = result.masks["conv.weight"]
+    assert int((~keep).sum()) == 19 and result.fallback == ()
+    assert "head.weight" not in result.masks  # no count: left alone
+    assert torch.equal(model.head.weight, dense.head.weight)
+    x = layer_inputs(model, model.conv, data)
+    got = model.conv.weight.detach()
+    for g in range(2):
+        rows = slice(2 * g, 2 * g + 2)
+        patches = F.unfold(x[:, rows], 2).transpose(1, 2).reshape(-1, 8)
+        w = dense.conv.weight[rows].reshape(2, -1).detach()
+        want = brute_force(w, dense.conv.bias[rows].detach(), patches, keep[rows].reshape(2, -1))
+        block = torch.cat([got[rows].reshape(2, -1), model.conv.bias[rows, None].detach()], 1)
+        if solver == "exact":
+            torch.testing.assert_close(block, want, atol=1e-6, rtol=0)
+        else:  # the adaptive choice made inside equals a run with the final mask fixed
+            a = torch.cat([patches, torch.ones(len(patches), 1, dtype=D)], 1)
+            mask = torch.cat([keep[rows].reshape(2, -1), torch.ones(2, 1, dtype=torch.bool)], 1)
+            dense_block = torch.cat([w, dense.conv.bias[rows, None].detach()], 1)
+            fixed, _ = sparsegpt_rows(dense_block, a.T @ a, int((~mask).sum()), mask, damping=1e-12)
+            torch.testing.assert_close(block, fixed, atol=1e-9, rtol=0)
