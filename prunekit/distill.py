@@ -139,33 +139,50 @@ def prepare_task(
     if user is None and settings.task_spec:
         user = load_task(settings.task_spec)
     base = base_task(settings.loss, data.kind, user)
-    if settings.loss != "distill":
-        return base, data, None
-    return _distillation(model, data, settings, base, cache, resuming)
+    if settings.loss == "distill":
+        return _distillation(model, data, settings, base, cache, resuming)
+    if settings.distill_weight > 0:  # mixed: the task's loss and the dense model's outputs
+        return _distillation(model, data, settings, base, cache, resuming, supervised=base)
+    return base, data, None
 
 
 def _check_distill_settings(settings: PruneSettings) -> None:
+    weight = settings.distill_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise SettingError(f"--distill-weight {weight!r} must be a number in [0, 1]")
     if settings.loss == "distill":
+        if settings.distill_weight not in (0, 1):
+            raise SettingError(
+                f"--distill-weight {settings.distill_weight!r} mixes the data's labels with the "
+                "dense outputs; --loss distill uses the dense outputs alone (drop one)"
+            )
+        return
+    if settings.distill_weight > 0:
         return
     if settings.distill_metric != "auto" or settings.temperature != 1.0:
         raise SettingError(
             f"distill metric {settings.distill_metric!r} / temperature {settings.temperature!r} "
-            f"only apply with --loss distill, not --loss {settings.loss}"
+            f"only apply with --loss distill or --distill-weight > 0, not --loss {settings.loss}"
         )
 
 
-def _distillation(model, data: DataBundle, settings: PruneSettings, base: Task, cache, resuming):
+def _distillation(
+    model, data: DataBundle, settings: PruneSettings, base: Task, cache, resuming, supervised=None
+):
+    """The distillation task and data; ``supervised``: the task whose loss on the data's
+    labels is mixed in at 1 - ``settings.distill_weight`` (None = distillation alone)."""
     inputs = data.inputs_only()  # the base task sees exactly what the run will feed it
     outputs = check_data_fits(model, inputs, base, loss=False)
     classes = data.num_classes if data.kind == "classification" else 0
     metric = resolve_metric(settings.distill_metric, classes, outputs)
     check_distillable(outputs, metric)
-    distill = DistillationTask(base, metric, settings.temperature)
+    weight = 1.0 - settings.distill_weight if supervised is not None else 0.0
+    distill = DistillationTask(base, metric, settings.temperature, supervised, weight)
     teacher = teacher_outputs(model, base, inputs, cache, resuming)
     distill.fit_variance(teacher["train"])
     targets = {}
     for part, labels in (("train", data.y_train), ("val", data.y_val)):
         targets[part] = {"teacher": distill.prepare(teacher[part])}
-        if classes:
+        if classes or supervised is not None:
             targets[part]["labels"] = labels
     return distill, data.with_targets(targets["train"], targets["val"], "distill"), teacher

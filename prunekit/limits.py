@@ -15,12 +15,14 @@ MAX_STEPS = 10_000
 MAX_EPOCHS = 10_000.0
 MAX_EXAMPLES = 10_000_000
 MAX_SAMPLES = 1_024
+MAX_SHOTS = 64
 
 #: setting -> (minimum, maximum, integer?)
 BOUNDS: dict[str, tuple[float, float, bool]] = {
     "seed": (0, MAX_SEED, True),
     "steps": (1, MAX_STEPS, True),
     "samples": (1, MAX_SAMPLES, True),
+    "shots": (1, MAX_SHOTS, True),
     "score_examples": (1, MAX_EXAMPLES, True),
     "score_batch_size": (1, MAX_EXAMPLES, True),
     "batch_size": (1, MAX_EXAMPLES, True),
@@ -49,7 +51,7 @@ def check_bound(name: str, value: object, flag: str | None = None) -> None:
 
 
 #: settings that must be finite numbers (their ranges are checked where they are used)
-FINITE = ("lr", "lam", "temperature", "momentum", "weight_decay")
+FINITE = ("lr", "lam", "temperature", "momentum", "weight_decay", "distill_weight")
 
 
 def check_bounds(values: dict, flags: dict[str, str] | None = None) -> None:

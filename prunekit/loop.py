@@ -84,8 +84,10 @@ class _Run:
         params = dict(self.model.named_parameters())
         return obs_update(curvature, params, self.masks, absolute=self.settings.lam)
 
-    def compensate(self, deltas: dict, before: dict) -> dict:
-        """Add the OBS updates to the surviving weights; returns losses before and after."""
+    def compensate(self, deltas: dict, before: dict | None) -> dict:
+        """Add the OBS updates to the surviving weights; returns losses before (``before``:
+        the evaluation of the masked weights without update, which becomes ``pruned``) and
+        after, or {} when ``before`` is None (a shot that is not the step's last)."""
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, delta in deltas.items():
@@ -93,6 +95,9 @@ class _Run:
                 delta = delta if keep is None else delta * keep.to(delta.dtype)
                 params[name].add_(delta.to(params[name].dtype))
         apply_masks(self.model, self.masks)
+        if before is None:
+            return {}
+        self.pruned = before
         after = _eval(self.model, self.task, self.data)
         return {
             "loss_before_compensation": before["loss"],
@@ -261,23 +266,52 @@ def _ntk_now(run: _Run, step: int, phase: str, sparsity: float):
     return run.ntk(step, phase, None, sparsity, run.masks) if run.ntk is not None else None
 
 
+def _shot_key(seed: int, step: int, shot: int, shots: int):
+    """The sampled-label key of one shot: (seed, step) for one shot per step (as before
+    shots existed), else a step index no other shot of the run uses."""
+    return label_key(seed, step if shots == 1 else step * 1024 + shot)
+
+
+def _remove(run: _Run, crit, score_batches, k: int, targets: list[float], last_eval: bool):
+    """Score and mask once per shot, removing weights up to each of ``targets`` in turn,
+    with the OBS ``update`` applied after each shot; returns the compensation record of
+    the last shot ({} without update). The curvature is re-estimated before every shot."""
+    settings, model = run.settings, run.model
+    masks_for_scaling = run.masks if settings.masked_scaling else None
+    record: dict = {}
+    for j, target in enumerate(targets, start=1):
+        key = _shot_key(settings.seed, k, j, len(targets))
+        scored = crit.evaluate(
+            model, run.task, run.targets, score_batches, generator=key,
+            masks=masks_for_scaling, cache=run.cache,
+        )  # fmt: skip
+        run.estimators = scored.estimators or run.estimators
+        run.masks = next_masks(scored.scores, run.masks, target, settings.scope)
+        deltas = run.obs_deltas(scored.curvature) if settings.update_mode != "none" else None
+        apply_masks(model, run.masks)
+        if deltas is None:
+            continue
+        last = j == len(targets)
+        before = _eval(model, run.task, run.data) if last and last_eval else None
+        record = run.compensate(deltas, before)
+    return record
+
+
+def _shot_targets(start: float, target: float, shots: int) -> list[float]:
+    """Sparsities after each shot of a step from ``start`` to ``target``: equal slices."""
+    return [start + (target - start) * j / shots for j in range(1, shots + 1)]
+
+
 def _prune_step(run: _Run, crit, score_batches, k: int, target: float, n_steps: int) -> None:
-    """Score, mask, (compensate), fine-tune and record step ``k`` of ``n_steps``."""
+    """Score, mask, (update), fine-tune and record step ``k`` of ``n_steps``."""
     t0 = time.perf_counter()
     model, task, settings = run.model, run.task, run.settings
-    masks = run.masks if settings.masked_scaling else None
-    key = label_key(settings.seed, k)  # sampled labels keyed by (seed, step, example)
-    scored = crit.evaluate(
-        model, task, run.targets, score_batches, generator=key, masks=masks, cache=run.cache
-    )
-    run.estimators = scored.estimators or run.estimators
+    start = sparsity_of(run.masks)[0] if settings.shots > 1 else target
+    shots = _shot_targets(start, target, settings.shots)
+    compensation = _remove(run, crit, score_batches, k, shots, last_eval=True)
     if run.progress:
         run.progress("score", k, n_steps)
-    run.masks = next_masks(scored.scores, run.masks, target, settings.scope)
-    deltas = run.obs_deltas(scored.curvature) if settings.compensate else None
-    apply_masks(model, run.masks)
-    run.pruned = _eval(model, task, run.data)
-    compensation = run.compensate(deltas, run.pruned) if deltas is not None else {}
+    run.pruned = _eval(model, task, run.data) if not compensation else run.pruned
     compensation.update(run.recalibrate(compensation.get("loss_after_compensation")))
     _ntk_now(run, k, "prune", target)
     before = None if compensation else run.pruned  # compensated/recalibrated: evaluate again

@@ -13,10 +13,17 @@ from prunekit.criteria.fisher import check_labels
 from prunekit.data import DataBundle, check_data_fits
 from prunekit.errors import DataError, SettingError, choice_error
 from prunekit.finetune import checkpoint_iterations, lr_setting
+from prunekit.limits import check_bound
 from prunekit.prune.masks import SCOPES
 from prunekit.prune.schedules import schedule
 from prunekit.prune.targets import find_targets
-from prunekit.settings import PruneSettings, make_run_criterion, resolved_labels
+from prunekit.settings import (
+    STRUCTURES,
+    UPDATES,
+    PruneSettings,
+    make_run_criterion,
+    resolved_labels,
+)
 from prunekit.tasks import UserTask
 from prunekit.types import Task
 
@@ -27,11 +34,7 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     Returns (criterion, schedule values, targets). Raises PrunekitError subclasses.
     """
     crit = make_run_criterion(settings)
-    if settings.compensate and (not crit.uses_curvature or crit.fisher == "diag"):
-        raise SettingError(
-            f"--compensate needs a curvature criterion (obd, qm, obs) on kfac or ekfac, not "
-            f"{settings.criterion!r} with fisher {crit.fisher!r}"
-        )
+    _check_step_modes(settings, crit)
     check_data_fits(model, data, task)
     labels = resolved_labels(crit, task) if crit.uses_curvature else None
     check_no_idle_settings(settings, crit, labels)
@@ -51,6 +54,38 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     log_spaced_iterations(10, settings.ntk_every)  # raises on a malformed schedule
     targets = find_targets(model, settings.include, settings.exclude, settings.embeddings)
     return crit, sparsities, targets
+
+
+def _check_step_modes(settings: PruneSettings, crit) -> None:
+    """update, shots, structure and distill_weight: valid values, and combinations that work."""
+    if settings.update not in UPDATES:
+        raise choice_error("update", settings.update, UPDATES)
+    if settings.structure not in STRUCTURES:
+        raise choice_error("structure", settings.structure, STRUCTURES)
+    if settings.structure == "units":  # wired with prunekit/units.py (issue 17, in progress)
+        raise SettingError("--structure units is not wired into the pruning loop yet")
+    if settings.compensate and settings.update not in ("none", "summed"):
+        raise SettingError(
+            f"--compensate is --update summed; it contradicts --update {settings.update}"
+        )
+    check_bound("shots", settings.shots, "--shots")
+    mode = settings.update_mode
+    reconstructs = getattr(crit, "reconstructs", False)
+    if mode != "none" and reconstructs:
+        raise SettingError(
+            f"--update {mode} does nothing with criterion {settings.criterion!r}: it already "
+            "updates the surviving weights (layer reconstruction); drop --update"
+        )
+    if mode != "none" and (not crit.uses_curvature or crit.fisher == "diag"):
+        raise SettingError(
+            f"--update {mode} needs a curvature criterion (obd, qm, obs) on kfac or ekfac, "
+            f"not {settings.criterion!r} with fisher {crit.fisher!r}"
+        )
+    if settings.shots > 1 and settings.criterion == "magnitude" and mode == "none":
+        raise SettingError(
+            f"--shots {settings.shots} does nothing with criterion 'magnitude' (the weights do "
+            "not change between shots); drop it, or choose a curvature criterion"
+        )
 
 
 def check_no_idle_settings(settings: PruneSettings, crit, labels: str | None) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from prunekit.errors import PrunekitError
-from prunekit.limits import MAX_EPOCHS, MAX_EXAMPLES, MAX_SAMPLES, MAX_SEED, MAX_STEPS
+from prunekit.limits import MAX_EPOCHS, MAX_EXAMPLES, MAX_SAMPLES, MAX_SEED, MAX_SHOTS, MAX_STEPS
 
 #: A recipe is a page of settings: refuse anything that could expand before it is parsed.
 MAX_RECIPE_BYTES = 256 * 1024
@@ -112,7 +112,10 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         ),
         "refit_basis_every": _f(int, 0, "EKFAC eigenbasis refit period (0 = keep)", low=0),
         "masked_scaling": _f(bool, False, "EKFAC scaling from masked gradients (slow)"),
-        "compensate": _f(bool, False, "OBS update of surviving weights"),
+        "compensate": _f(bool, False, "OBS update of surviving weights (= update: summed)"),
+        "update": _f(str, "none", "OBS update of surviving weights", choices="update"),
+        "shots": _f(int, 1, "curvature re-estimations per pruning step", low=1, cap=MAX_SHOTS),
+        "structure": _f(str, "unstructured", "single weights or whole units", choices="structure"),
     },
     "schedule": {
         "final": _f(NUM, 0.9, "final sparsity of target weights", low=0, high=1, high_open=True),
@@ -121,6 +124,8 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
     },
     "finetune": {
         "optimizer": _f(str, "sgd", "fine-tuning optimizer", choices="optimizer"),
+        "lr_schedule": _f(str, "constant", "rate within each phase", choices="lr_schedule"),
+        "distill_weight": _f(NUM, 0.0, "weight of distillation to dense outputs", low=0, high=1),
         "lr": _f(
             (*NUM, str), "auto", "learning rate; auto = probe a few rates at the first fine-tune",
             low=0, low_open=True, words=("auto",),

@@ -26,7 +26,7 @@ from prunekit.criteria import CRITERIA
 from prunekit.criteria.curvature import ESTIMATORS
 from prunekit.criteria.fisher import LABELS
 from prunekit.errors import CheckpointError, SettingError, choice_error, first_line
-from prunekit.finetune import AUTO, LR_CANDIDATES, OPTIMIZERS, PROBE_STEPS
+from prunekit.finetune import AUTO, LR_CANDIDATES, LR_SCHEDULES, OPTIMIZERS, PROBE_STEPS
 from prunekit.loop import run_pruning
 from prunekit.models import EXAMPLES
 from prunekit.prune.masks import SCOPES
@@ -36,7 +36,7 @@ from prunekit.prune.targets import find_targets
 from prunekit.recipe import evaluate_checks, load_recipe, recipe_hash
 from prunekit.report import write_run
 from prunekit.resume import has_checkpoint
-from prunekit.settings import Progress, PruneSettings, make_run_criterion
+from prunekit.settings import STRUCTURES, UPDATES, Progress, PruneSettings, make_run_criterion
 from prunekit.tasks import DISTILL_METRICS, LOSSES, load_task
 from prunekit.trust import check_file_spec
 
@@ -54,6 +54,9 @@ def recipe_choices() -> dict:
         "scope": SCOPES,
         "schedule": SCHEDULES,
         "optimizer": OPTIMIZERS,
+        "lr_schedule": LR_SCHEDULES,
+        "update": UPDATES,
+        "structure": STRUCTURES,
         "storage": STORAGE_MODES,
         "quantize": QUANTIZE_MODES,
     }
@@ -93,6 +96,11 @@ def settings_from_recipe(recipe: dict) -> PruneSettings:
         refit_basis_every=crit["refit_basis_every"],
         masked_scaling=crit["masked_scaling"],
         compensate=crit["compensate"],
+        update=crit["update"],
+        shots=crit["shots"],
+        structure=crit["structure"],
+        lr_schedule=ft["lr_schedule"],
+        distill_weight=float(ft["distill_weight"]),
         recalibrate_bn=recipe["finetune"]["recalibrate_bn"],
         ntk=an["ntk"],
         ntk_every=an["ntk_every"],

@@ -134,6 +134,7 @@ def task_report(task: Task, settings: PruneSettings) -> dict:
     out = {"kind": task.kind, "spec": settings.task_spec, "loss": settings.loss}
     if task.kind == "distill":
         out.update(distill_metric=task.metric, temperature=task.temperature, variance=task.variance)
+        out["distill_weight"] = 1.0 - task.task_weight
     return out
 
 

@@ -20,6 +20,8 @@ from prunekit.types import Masks, Task
 # progress(label, done, total): the CLI draws bars from these calls; None = silent.
 Progress = Callable[[str, int, int], None]
 DEVICES = ("cpu", "cuda", "auto")
+UPDATES = ("none", "summed", "joint")
+STRUCTURES = ("unstructured", "units")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,18 @@ class PruneSettings:
     dense model's outputs); distill_metric: 'auto' (kl for logits over the data's classes, else
     cosine), 'kl', 'mse' or 'cosine'; temperature: the KL temperature; task_spec:
     'module:factory' of a user task (its forward runs the model; its loss trains unless loss
-    is 'distill'); embeddings: also prune nn.Embedding weights (diagonal Fisher).
+    is 'distill'); embeddings: also prune nn.Embedding weights (diagonal Fisher);
+    lr_schedule: 'constant' or 'cosine' within every fine-tuning phase (each phase restarts
+    at the rate and decays to 0: warm restarts); distill_weight: w in [0, 1], fine-tuning
+    loss (1 - w) * task loss + w * distillation to the dense model's outputs (kl at
+    ``temperature`` for logits; 0 = off; ``loss='distill'`` is w = 1 without labels);
+    shots: curvature re-estimations per pruning step, the step's weights removed in that
+    many equal slices; update: what the surviving weights of a factored layer get when
+    weights are removed: 'none', 'summed' (single-weight OBS updates added up = the old
+    ``compensate``) or 'joint' (the exact OBS update for all removed weights at once,
+    correlations included; damping chosen per layer on held-out training examples);
+    structure: 'unstructured' (single weights) or 'units' (whole neurons, channels, hidden
+    units, heads: ``sparsity`` is then the fraction of units removed).
     """
 
     criterion: str = "obd"
@@ -96,6 +109,16 @@ class PruneSettings:
     task_spec: str | None = None
     embeddings: bool = False
     finetune_checkpoints: int = 1
+    lr_schedule: str = "constant"
+    distill_weight: float = 0.0
+    shots: int = 1
+    update: str = "none"
+    structure: str = "unstructured"
+
+    @property
+    def update_mode(self) -> str:
+        """The OBS update in force: ``update``, or 'summed' for the legacy ``compensate``."""
+        return "summed" if self.compensate and self.update == "none" else self.update
 
     def finetune_settings(self, epochs: float, lr: float | None = None) -> FinetuneSettings:
         """The fine-tuning phase settings for ``epochs`` epochs at rate ``lr`` (None = the
@@ -108,6 +131,7 @@ class PruneSettings:
             epochs=epochs,
             optimizer=self.optimizer,
             lr=lr,
+            lr_schedule=self.lr_schedule,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )

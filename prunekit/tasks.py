@@ -147,7 +147,14 @@ class DistillationTask(Task):
 
     kind = "distill"
 
-    def __init__(self, base: Task, metric: str = "kl", temperature: float = 1.0):
+    def __init__(
+        self,
+        base: Task,
+        metric: str = "kl",
+        temperature: float = 1.0,
+        supervised: Task | None = None,
+        task_weight: float = 0.0,
+    ):
         if metric not in DISTILL_METRICS[1:]:
             raise choice_error("distill metric", metric, DISTILL_METRICS)
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or (
@@ -156,6 +163,11 @@ class DistillationTask(Task):
             raise SettingError(f"distillation temperature must be > 0, got {temperature!r}")
         self.base, self.metric, self.temperature = base, metric, float(temperature)
         self.variance = 1.0
+        if not 0.0 <= task_weight <= 1.0 or (task_weight > 0 and supervised is None):
+            raise SettingError(
+                f"task weight {task_weight!r} must be in [0, 1], with a supervised task when > 0"
+            )
+        self.supervised, self.task_weight = supervised, float(task_weight)
 
     def fit_variance(self, teacher: Tensor) -> float:
         """mse: the Gaussian's variance = mean square of the teacher outputs (N, ...)."""
@@ -205,7 +217,18 @@ class DistillationTask(Task):
         return -(soft * logp).sum(1)
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        """kl: T^2 * mean KL; mse: mean squared error / variance; cosine: mean (1 - cos)."""
+        """kl: T^2 * mean KL; mse: mean squared error / variance; cosine: mean (1 - cos).
+
+        With a ``task_weight`` w > 0: (1 - w) * that + w * the supervised task's loss on the
+        batch's 'labels' (the data's own targets)."""
+        distill = self._distill_loss(outputs, batch)
+        if self.task_weight == 0.0:
+            return distill
+        labels = batch[1]["labels"]  # prepare_task stores them whenever the task is mixed
+        own = self.supervised.loss(outputs, (batch[0], labels))
+        return (1.0 - self.task_weight) * distill + self.task_weight * own
+
+    def _distill_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         targets = self.targets(batch)
         if self.metric == "mse":
             return F.mse_loss(outputs.flatten(1), targets.to(outputs.dtype)) / self.variance

@@ -447,7 +447,7 @@ def test_encoder_distillation_cli_end_to_end(tmp_path, monkeypatch, cli):
     assert report["sparsity"]["global"] == pytest.approx(0.5, abs=1e-3)
     assert report["task"] == {
         "kind": "distill", "spec": "pk_mymodels:task", "loss": "distill",
-        "distill_metric": "cosine", "temperature": 1.0, "variance": 1.0,
+        "distill_metric": "cosine", "temperature": 1.0, "variance": 1.0, "distill_weight": 1.0,
     }  # fmt: skip
     assert set(report["estimators"].values()) == {"ekfac"}
     assert report["metrics"]["finetuned"]["cosine"] > 0.9

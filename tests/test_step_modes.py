@@ -1,0 +1,149 @@
+"""Shots, OBS update modes, mixed distillation and the per-phase rate schedule (issue 16)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prunekit.loop as loop_module
+from prunekit.data import load_data
+from prunekit.errors import SettingError
+from prunekit.loop import run_pruning
+from prunekit.models import mlp
+from prunekit.preflight import validate
+from prunekit.settings import PruneSettings
+from prunekit.tasks import DistillationTask
+from prunekit.types import ClassificationTask, Task
+
+BASE = dict(sparsity=0.6, steps=2, lr=0.05, finetune_epochs=0.5, final_epochs=0.5)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data("synthetic?n=120&dim=8&classes=3")
+
+
+@pytest.fixture(scope="module")
+def dense():
+    torch.manual_seed(0)
+    return mlp("8,12,3")
+
+
+def _run(model, data, **kw):
+    return run_pruning(copy.deepcopy(model), data, PruneSettings(**(BASE | kw)))
+
+
+def test_shots_score_once_per_shot_and_reach_each_slice(data, dense, monkeypatch):
+    seen = []
+    real = loop_module.next_masks
+
+    def spy(scores, masks, sparsity, scope="global"):
+        seen.append(sparsity)
+        return real(scores, masks, sparsity, scope)
+
+    monkeypatch.setattr(loop_module, "next_masks", spy)
+    result = _run(dense, data, shots=3)
+    assert len(seen) == 6  # 2 steps x 3 shots, each after a fresh score
+    # each shot's target is an equal slice between the step's start and its target
+    assert seen[2] == pytest.approx(seen[0] * 3, rel=1e-9)
+    assert seen[1] == pytest.approx(seen[0] * 2, rel=1e-9)
+    assert result.report["sparsity"]["global"] == pytest.approx(0.6, abs=0.01)
+
+
+def test_shots_change_the_masks_and_are_deterministic(data, dense):
+    one = _run(dense, data, criterion="obd", finetune_epochs=0.0, final_epochs=0.0, steps=1)
+    three = _run(
+        dense, data, criterion="obd", finetune_epochs=0.0, final_epochs=0.0, steps=1, shots=3
+    )
+    again = _run(
+        dense, data, criterion="obd", finetune_epochs=0.0, final_epochs=0.0, steps=1, shots=3
+    )
+    assert all(torch.equal(three.masks[n], again.masks[n]) for n in three.masks)
+    assert any(not torch.equal(one.masks[n], three.masks[n]) for n in one.masks)
+
+
+def test_update_summed_is_the_old_compensate(data, dense):
+    old = _run(dense, data, compensate=True)
+    new = _run(dense, data, update="summed")
+    for name, p in old.model.state_dict().items():
+        assert torch.equal(p, new.model.state_dict()[name])
+    assert old.metrics[1]["loss_after_compensation"] == new.metrics[1]["loss_after_compensation"]
+
+
+def test_update_with_shots_records_the_last_shot(data, dense):
+    result = _run(dense, data, update="summed", shots=2)
+    row = result.metrics[1]
+    assert row["loss_before_compensation"] == row["loss_after_prune"]
+    assert row["loss_after_compensation"] != row["loss_before_compensation"]
+
+
+def test_mixed_distillation_loss_is_the_weighted_sum():
+    torch.manual_seed(1)
+    logits, teacher = torch.randn(5, 4), torch.randn(5, 4)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    task = DistillationTask(Task(), "kl", 2.0, ClassificationTask(), task_weight=0.3)
+    batch = (torch.zeros(5, 1), {"teacher": teacher, "labels": labels})
+    p_t = torch.softmax(teacher.double() / 2, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(logits.double() / 2, 1))).sum(1).mean() * 4
+    ce = F.cross_entropy(logits.double(), labels)
+    assert float(task.loss(logits, batch)) == pytest.approx(float(0.7 * kl + 0.3 * ce), rel=1e-5)
+
+
+def test_distill_weight_trains_on_both_and_is_reported(data, dense):
+    result = _run(dense, data, distill_weight=0.5, lr_schedule="cosine")
+    assert result.report["task"]["distill_weight"] == 0.5
+    assert result.report["task"]["kind"] == "distill"
+    assert result.report["metrics"]["finetuned"]["accuracy"] is not None
+
+
+def test_lr_schedule_reaches_every_phase():
+    settings = PruneSettings(lr_schedule="cosine", lr=0.1)
+    assert settings.finetune_settings(1.0).lr_schedule == "cosine"
+    assert settings.finetune_settings(1.0, 0.02).lr_schedule == "cosine"
+
+
+BAD = [
+    ({"update": "both"}, "update 'both'"),
+    ({"update": "joint", "criterion": "magnitude"}, "--update joint needs a curvature"),
+    ({"update": "summed", "fisher": "diag"}, "--update summed needs a curvature"),
+    ({"compensate": True, "update": "joint"}, "contradicts --update joint"),
+    ({"shots": 0}, "--shots 0"),
+    ({"shots": 3, "criterion": "magnitude"}, "--shots 3 does nothing"),
+    ({"structure": "rows"}, "structure 'rows'"),
+    ({"distill_weight": 1.5}, "--distill-weight 1.5"),
+    ({"distill_weight": float("nan")}, "--distill-weight nan"),
+    ({"distill_weight": 0.5, "loss": "distill"}, "--distill-weight 0.5 mixes"),
+    ({"lr_schedule": "step"}, "lr schedule 'step'"),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_step_modes_are_refused(data, dense, settings, message):
+    from prunekit.distill import prepare_task
+
+    with pytest.raises(SettingError, match=message.replace("(", r"\(")):
+        s = PruneSettings(**settings)
+        prepare_task(dense, data, s)
+        validate(s, copy.deepcopy(dense), data, ClassificationTask())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--update", "joint", "--criterion", "magnitude"], "--update joint needs a curvature"),
+        (["--shots", "0"], "--shots 0"),
+        (["--distill-weight", "2"], "--distill-weight 2"),
+        (["--lr-schedule", "step"], "lr schedule 'step'"),
+        (["--structure", "rows"], "structure 'rows'"),
+    ],
+)
+def test_cli_refuses_bad_step_modes_in_one_line(tmp_path, digits_model_file, cli, args, message):
+    out = tmp_path / "run"
+    code, stdout, stderr = cli("prune", str(digits_model_file), "--out", str(out), *args)
+    assert code == 2, stderr
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert "Traceback" not in stderr + stdout and not out.exists()
