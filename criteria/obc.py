@@ -182,30 +182,54 @@ def check_count(n_prune: int, pruned: int, free: int, what: str = "n_prune") -> 
     return n - pruned
 
 
-def _cg(op: Matvec, b: Tensor, tol: float, max_iter: int) -> Tensor:
-    """Conjugate gradients for the PD ``op`` on block-shaped tensors, from x = 0."""
+def _cg(op: Matvec, b: Tensor, tol: float, max_iter: int, inv_diag: Tensor | None) -> Tensor:
+    """(Jacobi-preconditioned) conjugate gradients for the PD ``op``, from x = 0.
+
+    Stops when ``||r|| <= tol ||b||``; a non-positive curvature direction is a SettingError.
+    """
     x = torch.zeros_like(b)
     r = b.clone()
-    p = r.clone()
-    rr = float((r * r).sum())
-    target = tol**2 * rr
+    z = r if inv_diag is None else r * inv_diag
+    p = z.clone()
+    rz = float((r * z).sum())
+    bb = float((b * b).sum())
+    rr = bb
     for _ in range(max_iter):
-        if rr <= target or rr == 0.0:
+        if rr <= tol**2 * bb or rr == 0.0:
             return x
         hp = op(p)
-        alpha = rr / float((p * hp).sum())
+        curv = float((p * hp).sum())
+        if not curv > 0:
+            raise SettingError(
+                "the curvature is not positive definite on the kept weights; "
+                "use a larger damping (e.g. 0.01)"
+            )
+        alpha = rz / curv
         x += alpha * p
         r -= alpha * hp
-        rr_new = float((r * r).sum())
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    if rr > target:
+        z = r if inv_diag is None else r * inv_diag
+        rz_new = float((r * z).sum())
+        p = z + (rz_new / rz) * p
+        rz, rr = rz_new, float((r * r).sum())
+    if rr > tol**2 * bb:
         log.warning(
-            "joint_obs_kron: CG stopped after %d iterations (residual %.3g)",
+            "joint_obs_kron: CG stopped after %d iterations at relative residual %.3g",
             max_iter,
-            math.sqrt(rr / max(target / tol**2, 1e-300)),
+            math.sqrt(rr / bb),
         )
     return x
+
+
+class BlockMatvec:
+    """A matrix-free curvature product ``V -> H V`` on blocks with its diagonal (o, i') for
+    Jacobi preconditioning; ``joint_obs_kron`` accepts it or any plain callable."""
+
+    def __init__(self, apply: Matvec, diagonal: Tensor) -> None:
+        self.apply, self.diagonal = apply, diagonal
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """H V for a float64 block V."""
+        return self.apply(v)
 
 
 def joint_obs_kron(
@@ -218,8 +242,9 @@ def joint_obs_kron(
     (``kron_matvec``, ``ekfac_matvec``); keep: bool, weight's shape, True = keep.
     Minimises ``1/2 delta^T H delta`` subject to ``delta_Q = -theta_Q``: solves
     ``H_SS delta_S = H_SQ theta_Q`` by conjugate gradients on the kept coordinates (relative
-    residual ``tol``, at most ``max_iter`` steps). Returns weight + delta, weight's dtype,
-    removed entries exactly 0.
+    residual ``tol``, at most ``max_iter`` steps; Jacobi-preconditioned when ``matvec`` has
+    a ``diagonal`` (o, i') attribute, as ``BlockMatvec`` does). Returns weight + delta,
+    weight's dtype, removed entries exactly 0.
     """
     keep = keep.bool()
     if tuple(keep.shape) != tuple(weight.shape):
@@ -235,11 +260,13 @@ def joint_obs_kron(
         return torch.where(keep, matvec(torch.where(keep, v, zero)), zero)
 
     b = torch.where(keep, matvec(removed), zero)
-    delta = _cg(op, b, float(tol), max_iter)
+    diagonal = getattr(matvec, "diagonal", None)
+    inv_diag = None if diagonal is None else 1.0 / diagonal.double().expand_as(b)
+    delta = _cg(op, b, float(tol), max_iter, inv_diag)
     return torch.where(keep, theta + delta, zero).to(weight.dtype)
 
 
-def kron_matvec(G: Tensor, A: Tensor, damping: float = 0.01) -> Matvec:
+def kron_matvec(G: Tensor, A: Tensor, damping: float = 0.01) -> BlockMatvec:
     """``V -> (kron(G, A) + lam I) vec V`` as a block: ``G V A + lam V`` (float64).
 
     G: (o, o) or (groups, o, o); A: (i', i') or (groups, i', i'); V: (o, i') or (groups, o,
@@ -248,10 +275,10 @@ def kron_matvec(G: Tensor, A: Tensor, damping: float = 0.01) -> Matvec:
     g, a = G.detach().double(), A.detach().double()
     values = g.diagonal(dim1=-2, dim2=-1)[..., :, None] * a.diagonal(dim1=-2, dim2=-1)[..., None, :]
     lam = damping_value(values, check_damping(damping), 0.0)
-    return lambda v: g @ v @ a.transpose(-1, -2) + lam * v
+    return BlockMatvec(lambda v: g @ v @ a.transpose(-1, -2) + lam * v, values + lam)
 
 
-def ekfac_matvec(u_g: Tensor, scale: Tensor, u_a: Tensor, damping: float = 0.01) -> Matvec:
+def ekfac_matvec(u_g: Tensor, scale: Tensor, u_a: Tensor, damping: float = 0.01) -> BlockMatvec:
     """``V -> U_G [(U_G^T V U_A) * (S + lam)] U_A^T``: EKFAC (or KFAC in its eigenbasis).
 
     u_g: (o, o), scale: (o, i') eigenvalues S, u_a: (i', i') (or with a leading groups
@@ -259,7 +286,12 @@ def ekfac_matvec(u_g: Tensor, scale: Tensor, u_a: Tensor, damping: float = 0.01)
     """
     ug, s, ua = u_g.detach().double(), scale.detach().double(), u_a.detach().double()
     shifted = s + damping_value(s, check_damping(damping), 0.0)
-    return lambda v: ug @ ((ug.transpose(-1, -2) @ v @ ua) * shifted) @ ua.transpose(-1, -2)
+    diagonal = ug.pow(2) @ shifted @ ua.pow(2).transpose(-1, -2)  # kfac.kfe_diagonal
+
+    def apply(v: Tensor) -> Tensor:
+        return ug @ ((ug.transpose(-1, -2) @ v @ ua) * shifted) @ ua.transpose(-1, -2)
+
+    return BlockMatvec(apply, diagonal)
 
 
 def _block_quotas(w: Tensor, d: Tensor, free: Tensor, n_new: int, block: int) -> list[int]:
