@@ -10,7 +10,7 @@ from prunekit.criteria.diag import Diag, fit_diag
 from prunekit.criteria.ekfac import EKFAC, EKFACBasis, eigenbasis, fit_ekfac, refit_scaling
 from prunekit.criteria.fisher import LABELS, mean_gradient, squared_gradient_sums
 from prunekit.criteria.kfac import KFAC, fit_kfac
-from prunekit.criteria.obs import obs_saliency, obs_update
+from prunekit.criteria.obs import joint_update, obs_saliency, obs_update
 from prunekit.criteria.scores import (
     CRITERIA,
     OBS,
@@ -43,6 +43,7 @@ __all__ = [
     "fit_ekfac",
     "fit_kfac",
     "input_sq_norms",
+    "joint_update",
     "make_criterion",
     "mean_gradient",
     "obs_saliency",

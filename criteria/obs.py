@@ -25,6 +25,7 @@ from torch import Tensor
 
 from prunekit.criteria.diag import damping_value
 from prunekit.criteria.kfac import block_to_params, kfe_diagonal, params_to_block
+from prunekit.criteria.obc import ekfac_matvec, joint_obs_kron
 from prunekit.types import Masks
 
 
@@ -79,5 +80,44 @@ def obs_update(
                 deltas[pname] = d.to(params[pname].dtype)
         base = deltas.get(name, torch.zeros_like(theta))
         # x + (-x) == 0 exactly, so removed weights end at exactly zero.
+        deltas[name] = torch.where(removed, -theta.detach(), base)
+    return deltas
+
+
+def _joint_layer(layer, parts, params: dict[str, Tensor], keep: Tensor, damping: float):
+    """Deltas {weight, bias} of one factored layer under the exact joint OBS update."""
+    u_g, scale, u_a = parts
+    weight = params[layer.target].detach().to(scale.dtype)
+    bias = params[layer.bias].detach().to(scale.dtype) if layer.bias else None
+    block = params_to_block(layer, weight, bias)
+    kept = params_to_block(layer, keep.to(scale.dtype), None, fill=1.0).bool()
+    new = joint_obs_kron(block, ekfac_matvec(u_g, scale, u_a, damping), kept)
+    return block_to_params(layer, new - block)
+
+
+def joint_update(
+    curvature, params: dict[str, Tensor], masks: Masks, *, damping: float | dict = 1e-2
+) -> dict[str, Tensor]:
+    """Parameter changes that prune ``~masks`` with the exact joint OBS update per layer.
+
+    Per factored target, with H = the curvature's block (EKFAC: U (S + lam) U^T, lam =
+    damping * mean(S)) and Q every removed entry (this step's and earlier ones'), the
+    surviving entries and the bias get delta_S = H_SS^-1 H_SQ theta_Q (methods.md 9.1,
+    ``obc.joint_obs_kron``, conjugate gradients on the kept coordinates; no dense block
+    is built). damping: one value, or target name -> value (a per-layer choice). Same
+    contract as ``obs_update``: name -> delta (parameter shape and dtype), removed weights
+    end exactly at zero; targets without factors (``Diag``) get no compensation.
+    """
+    deltas: dict[str, Tensor] = {}
+    kfe = curvature.kfe() if hasattr(curvature, "kfe") else {}
+    for name, keep in masks.items():
+        theta = params[name]
+        removed = ~keep.to(torch.bool)
+        if name in kfe and bool(removed.any()):
+            lam = damping[name] if isinstance(damping, dict) else damping
+            parts = _joint_layer(curvature.layers[name], kfe[name], params, keep, lam)
+            for pname, d in parts.items():
+                deltas[pname] = d.to(params[pname].dtype)
+        base = deltas.get(name, torch.zeros_like(theta))
         deltas[name] = torch.where(removed, -theta.detach(), base)
     return deltas
