@@ -147,7 +147,7 @@ def _group_counts(block, hess, keep, eligible, count, damping) -> tuple[Tensor, 
     return new_keep, [int((~k).sum()) for k in new_keep]
 
 
-def _solve_layer(layer, block, hess, keep, count, solver, size, damping):
+def _solve_layer(layer, block, hess, keep, count, solver, size, damping, mask_block):
     """(new block (g, o, i') float64, new keep (g, o, i')) for one factorable layer."""
     eligible = keep.clone()
     if layer.bias is not None:
@@ -169,6 +169,7 @@ def _solve_layer(layer, block, hess, keep, count, solver, size, damping):
             block=size,
             damping=damping,
             frozen_last_column=layer.bias is not None,
+            mask_block=mask_block,
         )
         out.append(w)
         masks.append(k)
@@ -207,6 +208,7 @@ def prune_layerwise(
     solver: str = "sparsegpt",
     block: int = 128,
     damping: float = 0.01,
+    mask_block: int | None = None,
     progress: Progress | None = None,
 ) -> LayerwiseResult:
     """Sequential layer-wise one-shot pruning of ``model``'s targets (module docstring).
@@ -216,7 +218,8 @@ def prune_layerwise(
     factorable target; counts: name -> total pruned entries wanted in that target after
     this call (>= its pruned count in ``masks``; targets without a count are left alone);
     masks: current keep-masks (True = keep; a target without one counts as dense).
-    solver: 'sparsegpt' (``obc.sparsegpt_rows``, column blocks of ``block``) or 'exact'
+    solver: 'sparsegpt' (``obc.sparsegpt_rows``, lazy-update column blocks of ``block``,
+    mask chosen every ``mask_block`` columns, default ``block``) or 'exact'
     (mask by OBS saliency ``w^2/[H^-1]_qq`` ranked within the layer, then
     ``obc.joint_obs_rows``); damping: relative, ``damping * mean(diag H)``. progress:
     called as ``progress(done, total, name)`` after each target. Weights and biases are
@@ -224,6 +227,8 @@ def prune_layerwise(
     damping or count, or a layer Hessian that is not positive definite after damping.
     """
     size, damping = _settings(solver, block, damping)
+    if mask_block is not None:
+        mask_block = int_setting(mask_block, "mask_block", 1)
     batches = list(batches)
     if not batches:
         raise DataError("no calibration batches for layer-wise pruning (the data is empty)")
@@ -245,17 +250,9 @@ def prune_layerwise(
             new_masks[name] = _magnitude(params[name], new_masks[name], counts[name])
             step(name)
         for name in ordered:
+            settings = (solver, size, damping, mask_block)
             error = _prune_one(
-                model,
-                forward,
-                layers[name],
-                batches,
-                params,
-                new_masks,
-                counts[name],
-                solver,
-                size,
-                damping,
+                model, forward, layers[name], batches, params, new_masks, counts[name], settings
             )
             if error is None:  # the first batch reached it, the others did not: never mind
                 new_masks[name] = _magnitude(params[name], new_masks[name], counts[name])
@@ -278,7 +275,7 @@ class _Step:
             self.progress(self.done, self.total, name)
 
 
-def _prune_one(model, forward, layer, batches, params, masks, count, solver, size, damping):
+def _prune_one(model, forward, layer, batches, params, masks, count, settings):
     """Prune one factorable target in place against its current inputs; its relative error
     (None, nothing changed, when no batch ran through its module)."""
     hess = _input_hessian(model, forward, layer, batches)
@@ -289,7 +286,7 @@ def _prune_one(model, forward, layer, batches, params, masks, count, solver, siz
     old = _block(layer, weight, bias)
     keep = _keep_block(layer, masks[layer.target])
     try:
-        new, new_keep = _solve_layer(layer, old, hess, keep, count, solver, size, damping)
+        new, new_keep = _solve_layer(layer, old, hess, keep, count, *settings)
     except SettingError as exc:
         raise SettingError(f"layer {layer.target!r}: {exc}") from None
     for pname, value in block_to_params(layer, new).items():

@@ -308,6 +308,18 @@ def _block_quotas(w: Tensor, d: Tensor, free: Tensor, n_new: int, block: int) ->
     return quotas
 
 
+def _select(prune: Tensor, free: Tensor, w1: Tensor, d1: Tensor, start: int, quota: int):
+    """Mark the ``quota`` lowest ``w^2 / d^2`` free, unpruned entries of columns start.. of
+    the current block ``w1`` (o, c) as pruned (in ``prune``, columns start..start+c)."""
+    cols = slice(start, start + w1.shape[1])
+    score = torch.where(
+        free[:, cols] & ~prune[:, cols], w1.pow(2) / d1.pow(2), torch.full_like(w1, math.inf)
+    )
+    local = prune[:, cols].reshape(-1)
+    local[torch.sort(score.reshape(-1), stable=True).indices[:quota]] = True
+    prune[:, cols] = local.reshape(w1.shape)
+
+
 def sparsegpt_rows(
     weight: Tensor,
     hessian: Tensor,
@@ -317,21 +329,25 @@ def sparsegpt_rows(
     block: int = 128,
     damping: float = 0.01,
     frozen_last_column: bool = False,
+    mask_block: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SparseGPT (Frantar & Alistarh 2023) on one (o, i') block -> (weight, keep).
 
     weight: (o, i'); hessian: (i', i') PSD input Hessian (damped, module docstring);
     n_prune: total pruned entries wanted, already-pruned ones (keep False) included; keep:
     bool (o, i') current mask or None (all kept); frozen_last_column: the bias column, never
-    pruned (still updated). U = upper Cholesky factor of H^-1; columns are walked in
-    blocks of ``block``; at the start of a block its new entries are the lowest
-    ``w^2 / U_qq^2`` of the current (already updated) weights; per column j,
-    ``err = w_j / U_jj`` on the pruned rows and ``w[:, j:block end] -= err U_j,j:``; the
-    block's errors then update the later columns at once (lazy batch update).
+    pruned (still updated). U = upper Cholesky factor of H^-1. Columns are walked in
+    blocks of ``block`` (lazy batch updates: a speed knob, the result does not depend on
+    it; rounded down to a multiple of ``mask_block``, at least one). At the start of every
+    ``mask_block`` columns (default: ``block``) their new entries are chosen as the lowest
+    ``w^2 / U_qq^2`` of the current, already updated weights (adaptive mask selection;
+    smaller = more adaptive). Per column j, ``err = w_j / U_jj`` on the pruned rows and
+    ``w[:, j:block end] -= err U_j,j:``; the block's errors then update the later columns
+    at once.
 
-    Spread of n_prune over blocks (exact count): the new entries are first ranked once by
-    ``w^2 / U_qq^2`` over the whole layer and each block prunes as many as it holds of the
-    lowest n_prune - pruned; which ones inside the block is decided adaptively as above.
+    Spread of n_prune over mask blocks (exact count): the new entries are first ranked once
+    by ``w^2 / U_qq^2`` over the whole layer and each mask block prunes as many as it holds
+    of the lowest n_prune - pruned; which ones inside it is decided adaptively as above.
     Returns the updated block (weight's dtype, pruned entries exactly 0) and the keep mask
     with exactly n_prune False.
     """
@@ -339,6 +355,8 @@ def sparsegpt_rows(
         weight, torch.ones_like(weight, dtype=torch.bool) if keep is None else keep, hessian
     ).clone()
     block = int_setting(block, "block", 1)
+    mask_block = block if mask_block is None else int_setting(mask_block, "mask_block", 1)
+    block = max(block // mask_block, 1) * mask_block  # mask blocks never straddle two
     free = keep.clone()
     if frozen_last_column:
         if not bool(keep[:, -1].all()):
@@ -350,24 +368,19 @@ def sparsegpt_rows(
     u = cholesky_of(hinv, damping).T  # upper: H^-1 = U^T U
     w = weight.detach().double().clone()
     prune = ~keep
-    quotas = _block_quotas(w, u.diagonal(), free, n_new, block)
+    quotas = _block_quotas(w, u.diagonal(), free, n_new, mask_block)
     n = w.shape[1]
-    for b, start in enumerate(range(0, n, block)):
+    for start in range(0, n, block):
         stop = min(start + block, n)
         w1, u1 = w[:, start:stop].clone(), u[start:stop, start:stop]
-        if quotas[b]:
-            score = torch.where(
-                free[:, start:stop] & ~prune[:, start:stop],
-                w1.pow(2) / u1.diagonal().pow(2),
-                torch.full_like(w1, math.inf),
-            )
-            pick = torch.sort(score.reshape(-1), stable=True).indices[: quotas[b]]
-            local = prune[:, start:stop].reshape(-1)
-            local[pick] = True
-            prune[:, start:stop] = local.reshape(w1.shape)
         err = torch.zeros_like(w1)
         for j in range(stop - start):
-            e = torch.where(prune[:, start + j], w1[:, j], 0.0) / u1[j, j]
+            col = start + j
+            q = quotas[col // mask_block] if col % mask_block == 0 else 0
+            if q:  # a mask block starts here; it ends inside this lazy block
+                c = slice(j, min(j + mask_block, stop - start))
+                _select(prune, free, w1[:, c], u1.diagonal()[c], col, q)
+            e = torch.where(prune[:, col], w1[:, j], 0.0) / u1[j, j]
             w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
             err[:, j] = e
         w[:, start:stop] = w1

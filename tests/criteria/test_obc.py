@@ -282,3 +282,21 @@ def test_joint_obs_kron_refuses_a_curvature_that_is_not_positive_definite():
     keep = torch.tensor([[True, False, True], [True, True, False]])
     with pytest.raises(SettingError, match="not positive definite"):
         joint_obs_kron(w, lambda v: v - 2 * v.sum(), keep)
+
+
+def test_sparsegpt_rows_result_depends_on_mask_block_not_on_the_lazy_block():
+    """Lazy batch updates are exact: with one mask granularity every lazy block size gives
+    the same weights and mask; mask_block defaults to block; a finer mask differs."""
+    o, n = 6, 12
+    x = correlated_inputs(n, 60, seed=100)
+    h = x @ x.T
+    w = torch.randn(o, n, generator=torch.Generator().manual_seed(101), dtype=D)
+    runs = [sparsegpt_rows(w, h, 40, block=b, mask_block=2) for b in (2, 4, 5, 128)]
+    for out, keep in runs[1:]:
+        assert torch.equal(keep, runs[0][1])
+        torch.testing.assert_close(out, runs[0][0], atol=1e-12, rtol=0)
+    default = sparsegpt_rows(w, h, 40, block=4)
+    same = sparsegpt_rows(w, h, 40, block=4, mask_block=4)
+    assert torch.equal(default[1], same[1]) and torch.equal(default[0], same[0])
+    coarse = sparsegpt_rows(w, h, 40, block=12)
+    assert int((~coarse[1]).sum()) == 40 and not torch.equal(coarse[1], runs[0][1])
