@@ -4,7 +4,9 @@
 ``write_receipt(receipt, receipt_path(path))`` writes it beside the model (``model.onnx``
 -> ``model.onnx.json``); ``receipt_table(receipt)`` gives the rows a CLI prints;
 ``parse_dynamic_axes`` checks ``NAME:DIM`` specs of input axes that may change length.
-STORAGE_MODES / QUANTIZE_MODES list the valid CLI choices;
+STORAGE_MODES / QUANTIZE_MODES list the valid CLI choices (INT8_COMPUTE: the quantize
+modes that compute in int8, verified against the fp32 graph and refused with
+QuantizationRefused, exit 2, past ``max_accuracy_drop`` points; see export/int8.py);
 SUPPORTED_OPSETS / OPSET_RANGES the opsets torch's exporters write, which
 ``check_modes(storage, quantize, opset)`` checks up front. What the exporters print goes
 to ``exporter_log_path(path)`` (``<path>.log``), never to the terminal.
@@ -16,11 +18,15 @@ validating a recipe or printing --help never loads onnx or onnxruntime.
 from importlib import import_module
 
 from .modes import (
+    DEFAULT_MAX_ACCURACY_DROP,
     EXPORTERS,
+    INT8_COMPUTE,
     OPSET_RANGES,
     QUANTIZE_MODES,
     STORAGE_MODES,
     SUPPORTED_OPSETS,
+    QuantizationRefused,
+    check_accuracy_drop,
     check_modes,
 )
 
@@ -39,12 +45,16 @@ _LAZY = {
 }
 
 __all__ = [
+    "DEFAULT_MAX_ACCURACY_DROP",
     "EXPORTERS",
+    "INT8_COMPUTE",
     "MEMORY_NOTE",
     "OPSET_RANGES",
     "QUANTIZE_MODES",
+    "QuantizationRefused",
     "STORAGE_MODES",
     "SUPPORTED_OPSETS",
+    "check_accuracy_drop",
     "check_modes",
     "default_targets",
     "export_onnx",

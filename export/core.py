@@ -20,6 +20,7 @@ from prunekit.prune.masks import masks_from_weights
 from prunekit.types import call_model
 
 from . import cleanup as clean
+from . import int8 as int8_export
 from .axes import Axes, check_asked, parse_dynamic_axes
 from .exporters import (
     DEFAULT_OPSET,
@@ -34,6 +35,7 @@ from .exporters import (
 from .graph import apply_storage, decoded_value
 from .lengths import other_length_parity, plan_axes, settle
 from .match import count_pruned, float_params, match_initializers
+from .modes import DEFAULT_MAX_ACCURACY_DROP, INT8_COMPUTE, check_accuracy_drop
 from .receipt import MEMORY_NOTE, exporter_log_path, size_warning
 from .storage import check_modes, check_opset
 from .verify import check, check_weights, latencies, parity, session
@@ -182,6 +184,35 @@ def _examples(
     return example, inputs
 
 
+def _drop_limit(value, compute: bool) -> float | None:
+    """The checked accuracy-drop limit in points: int8 compute defaults to
+    DEFAULT_MAX_ACCURACY_DROP, other modes to None (no limit)."""
+    if value is None and not compute:
+        return None
+    return check_accuracy_drop(DEFAULT_MAX_ACCURACY_DROP if value is None else value)
+
+
+def _verifier(built: _Built, checks: tuple, example, quantized: bool, limit: float | None):
+    """verify(tmp) -> (verification, session seconds) of an fp32-compute export: checker,
+    parity with PyTorch (1e-5; int8-weights: the accuracy change vs ``limit`` points), the
+    other length, the decoded weights. checks: (ref, call, inputs, targets)."""
+    ref, call, inputs, targets = checks
+
+    def verify(tmp: str) -> tuple[dict, float]:
+        written = onnx.load(tmp)
+        result = {"checker": check(written)}
+        sess, created = session(tmp)
+        result.update(parity(sess, ref, inputs, targets, quantized, limit, call))
+        if built.axes.groups():
+            result["other_length"] = other_length_parity(
+                sess, ref, call, built.axes, example, inputs, quantized
+            )
+        result["weights"] = check_weights(written, expected=built.expected)
+        return result, created
+
+    return verify
+
+
 def _write_verified(stored, path: Path, verify_fn) -> tuple[dict, float]:
     """Save to a temp file beside ``path``, verify it, then rename; nothing left on failure."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -217,6 +248,8 @@ def export_onnx(
     forward: Forward | None = None,
     dynamic_axes=None,
     infer_from: Example | None = None,
+    calibration_inputs: Example | None = None,
+    seed: int = 0,
 ) -> dict:
     """Export a pruned model to ONNX at ``path``, verify it, and return the receipt.
 
@@ -233,11 +266,19 @@ def export_onnx(
     are padded to different lengths; see export.axes) and kept only where the model runs
     at another length. Parity is also verified at another length than the example's.
     masks: parameter name -> bool tensor (True = keep); None reads them off the zeros of
-    the default targets. storage: one of STORAGE_MODES; quantize: None or 'int8' (packed
-    only); opset: ONNX opset (default 18), within SUPPORTED_OPSETS and the storage mode's
+    the default targets. storage: one of STORAGE_MODES; quantize: None or one of
+    QUANTIZE_MODES (packed storage only): 'int8' / 'int8-dynamic' / 'int8-static' compute in
+    int8 (export/quantize.py, verified by export/int8.py against the fp32 graph, which holds
+    the exact parity check), 'int8-weights' stores int8 values decoded to fp32; opset: ONNX
+    opset (default 18), within SUPPORTED_OPSETS and the storage mode's
     minimum, written exactly. verify_inputs/verify_targets: [N, ...] inputs of the same
     form as example_input (default: example_input) and class indices [N] for the int8
-    accuracy change. cleanup: fold BatchNorm and remove dead units first. latency: time
+    accuracy change. max_accuracy_drop: points of validation accuracy (or 100 x cosine to
+    the fp32 outputs, for a model without labels) an int8 export may lose; int8 compute
+    default 1.0, int8-weights default no limit; past it QuantizationRefused (exit 2) and
+    nothing is written. calibration_inputs: [N, ...] examples (the training inputs) the
+    static method draws 256 calibration examples from with ``seed`` (default: the
+    verification inputs). cleanup: fold BatchNorm and remove dead units first. latency: time
     onnxruntime and PyTorch at batch 1 and 64 (ms). exporter: tried first ('torchscript'
     or 'dynamo'); the other is the fallback, whose reason is logged as one warning.
     log_path: where everything the exporters printed goes (default ``<path>.log``; written
@@ -250,6 +291,8 @@ def export_onnx(
     start = time.perf_counter()
     opset = DEFAULT_OPSET if opset is None else opset
     check_modes(storage, quantize, opset)  # before any export work: one line, nothing written
+    compute = quantize in INT8_COMPUTE
+    max_accuracy_drop = _drop_limit(max_accuracy_drop, compute)
     opset, asked = int(opset), parse_dynamic_axes(dynamic_axes)  # opset: checked whole above
     path = Path(path)
     log_path = exporter_log_path(path) if log_path is None else Path(log_path)
@@ -260,27 +303,24 @@ def export_onnx(
     call = forward or call_model
     source = inputs if infer_from is None else as_example(model, infer_from, "infer_from", False)
     axes = plan_axes(ref, call, example, source, asked)
-    built = _build(net, net_masks, example, (storage, quantize, opset), exporter,
-                   (axes, ref, call, inputs))  # fmt: skip
-    quantized = quantize is not None
-
-    def verify(tmp: str) -> tuple[dict, float]:
-        written = onnx.load(tmp)
-        result = {"checker": check(written)}
-        sess, created = session(tmp)
-        result.update(parity(sess, ref, inputs, verify_targets, quantized, max_accuracy_drop, call))
-        if built.axes.groups():
-            result["other_length"] = other_length_parity(
-                sess, ref, call, built.axes, example, inputs, quantized
-            )
-        result["weights"] = check_weights(written, expected=built.expected)
-        return result, created
-
+    graph_modes = ("dense", None, opset) if compute else (storage, quantize, opset)
+    built = _build(net, net_masks, example, graph_modes, exporter, (axes, ref, call, inputs))
+    checks = (ref, call, inputs, verify_targets)
+    if compute:  # the fp32 graph passes exact parity, then its int8 version is verified
+        calibration = (inputs, seed, "validation inputs")
+        if calibration_inputs is not None:
+            calibration = (calibration_inputs, seed, "training inputs")
+        built, quant = int8_export.quantize_built(built, quantize, storage, checks, calibration)
+        verify = int8_export.verifier(built, quant, checks, example, max_accuracy_drop)
+    else:
+        verify = _verifier(built, checks, example, quantize is not None, max_accuracy_drop)
     verification, created = _write_verified(built.stored, path, verify)
     receipt = _receipt(path, built, (storage, quantize), record, log_path)
     receipt.update(verification=verification, session_creation_s=created)
     if latency:
         receipt["latency"] = _latency(path, built.dense, storage, ref, example, call)
+    if compute:
+        receipt["quantization"] = _quantization(receipt, built, quant)
     receipt["seconds"] = time.perf_counter() - start
     return receipt
 
@@ -298,7 +338,9 @@ def _receipt(path: Path, built: _Built, modes: tuple, record: dict, log_path: Pa
         )  # fmt: skip
     size, dense_fp32 = path.stat().st_size, 4 * record["params_before"]
     sizes = {"file": size, "dense_onnx": built.dense.ByteSize(), "dense_fp32": dense_fp32}
-    warning = size_warning(path.name, sizes, storage, *_graph_bytes(built.stored))
+    warning = None  # int8 compute: the receipt's quantization.bytes compares with fp32
+    if quantize not in INT8_COMPUTE:
+        warning = size_warning(path.name, sizes, storage, *_graph_bytes(built.stored))
     if warning:
         log.warning("%s", warning)
     log.info("exported %s (%s, %.4fx dense fp32)", path, storage, size / dense_fp32)
@@ -313,6 +355,18 @@ def _receipt(path: Path, built: _Built, modes: tuple, record: dict, log_path: Pa
         "tensors": built.rows, "unmatched_weights": built.missing, "cleanup": record,
         "memory_note": MEMORY_NOTE,
     }  # fmt: skip
+
+
+def _quantization(receipt: dict, built: _Built, quant: dict) -> dict:
+    """The receipt's int8 section: method, int8 ops, calibration, the fp32 vs int8 metric
+    (verification['int8']), file sizes and latency ratios (int8 file / fp32 dense graph)."""
+    keep = ("mode", "method", "integer_ops", "calibration")
+    out = {k: quant[k] for k in keep}
+    out.update(receipt["verification"]["int8"])
+    out["bytes"] = {"fp32_onnx": built.dense.ByteSize(), "int8_file": receipt["bytes"]["file"]}
+    if receipt.get("latency"):
+        out["latency_ratio"] = int8_export.latency_ratio(receipt["latency"], receipt["storage"])
+    return out
 
 
 def _graph_bytes(proto: onnx.ModelProto) -> tuple[int, int]:

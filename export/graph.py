@@ -162,7 +162,7 @@ def apply_storage(
                 nnz = int(np.count_nonzero(array))
                 row = _row(cand, array, "sparse", sparse_bytes(nnz, array.itemsize))
         elif storage == "packed":
-            axis = cand.axis if quantize == "int8" else None
+            axis = cand.axis if quantize == "int8-weights" else None
             nodes, new, nbytes = packed_subgraph(cand.onnx_name, array, axis)
             if _serialized(*nodes, *new) < dense:
                 front += nodes

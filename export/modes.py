@@ -6,10 +6,11 @@ storage mode or an opset without importing onnx or onnxruntime.
 
 from __future__ import annotations
 
+import math
 import numbers
 from importlib.metadata import version
 
-from prunekit.errors import SettingError, choice_error
+from prunekit.errors import PrunekitError, SettingError, choice_error
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 18  # TorchScript and dynamo exporters both support it; >= 13 for int8
@@ -28,9 +29,24 @@ SUPPORTED_OPSETS = (
 )
 
 STORAGE_MODES = ("dense", "sparse", "packed")
-QUANTIZE_MODES = ("int8",)
-QUANT_STORAGE = {"int8": ("packed",)}  # storage modes a quantize mode works with
-MIN_OPSET = {"dense": 7, "sparse": 11, "packed": 11, "int8": 13}
+#: int8 compute in onnxruntime (export/quantize.py): 'int8' picks per graph (static QDQ when
+#: it has a Conv, dynamic otherwise); 'int8-weights' is storage only (packed int8 values with
+#: per-row scales, decoded to fp32 in-graph: smaller file, same fp32 compute and latency).
+INT8_COMPUTE = ("int8", "int8-dynamic", "int8-static")
+QUANTIZE_MODES = (*INT8_COMPUTE, "int8-weights")
+# storage modes a quantize mode works with: an int8-compute graph stores its int8 weights
+# packed where that is smaller (dense where not), so 'packed' covers both
+QUANT_STORAGE = {mode: ("packed",) for mode in QUANTIZE_MODES}
+# int8 compute: QuantizeLinear/DequantizeLinear with per-axis scales (opset 13)
+MIN_OPSET = {"dense": 7, "sparse": 11, "packed": 11, **{mode: 13 for mode in QUANTIZE_MODES}}
+DEFAULT_MAX_ACCURACY_DROP = 1.0  # points of validation accuracy (or 100 x cosine), int8 compute
+
+
+class QuantizationRefused(PrunekitError):
+    """An int8 export lost more validation accuracy (points) than allowed: nothing is
+    written; exit 2. Defined here so callers catch it without importing onnx."""
+
+    exit_code = 2
 
 
 def opset_ranges() -> str:
@@ -71,6 +87,18 @@ def check_modes(storage: str, quantize: str | None, opset: int | None = None) ->
             )
     if opset is not None:
         check_opset(opset, storage, quantize)
+
+
+def check_accuracy_drop(value: object) -> float:
+    """``value`` as a float if it is a finite number >= 0 (points of validation accuracy an
+    int8 export may lose); SettingError naming the value otherwise."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0:
+        raise SettingError(
+            f"max accuracy drop {value!r} must be a finite number of points >= 0 (e.g. 1.0 "
+            "allows 97.5% -> 96.5%)"
+        )
+    return float(value)
 
 
 def check_opset(opset: int, storage: str, quantize: str | None) -> None:

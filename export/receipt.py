@@ -125,6 +125,10 @@ def receipt_table(receipt: dict) -> list[tuple[str, str]]:
         rows.insert(after, ("at another length", diff))
     if "accuracy_change" in v:
         rows.append(("accuracy change", f"{v['accuracy_change']:+.4f}"))
+    if receipt.get("quantization"):  # the exact parity is the fp32 graph's; int8 rows follow
+        at = next(k for k, (label, _) in enumerate(rows) if label == "max abs diff")
+        rows[at] = ("fp32 graph max abs diff", rows[at][1])
+        rows += _int8_rows(receipt["quantization"])
     for t in receipt["tensors"]:
         shape = "x".join(str(s) for s in t["shape"])
         rows.append((f"tensor {t['name']}", f"{shape}, {t['sparsity']:.1%} zero, {t['stored_as']}"))
@@ -137,6 +141,30 @@ def receipt_table(receipt: dict) -> list[tuple[str, str]]:
         for batch in ("batch1", "batch64"):
             rows.append((f"{runner} {batch} p50/p90", _lat(lat, runner, batch)))
     rows.append(("note", MEMORY_NOTE))  # warnings: logged once, as a CLI note line
+    return rows
+
+
+def _int8_rows(q: dict | None) -> list[tuple[str, str]]:
+    """Rows of an int8-compute export: method and ops, fp32 vs int8 metric, latency ratio."""
+    if not q:
+        return []
+    ops = ", ".join(f"{k} x{v}" for k, v in q["integer_ops"].items()) or "none"
+    cal = q.get("calibration")
+    method = q["method"] + (f", calibrated on {cal['examples']} {cal['source']}" if cal else "")
+    metric = (
+        f"{q['fp32']:.4f} fp32 -> {q['int8']:.4f} int8 ({q['change_points']:+.2f} points, "
+        f"limit -{q['max_accuracy_drop']:g}) on {q['n_inputs']} inputs"
+    )
+    sizes = q["bytes"]
+    rows = [("int8 compute", f"{q['mode']} ({method}): {ops}"),
+            (f"int8 {q['metric']}", metric),
+            ("int8 vs fp32 outputs", f"mean cosine {q['cosine_mean']:.4f} (>= "
+             f"{q['output_min_cosine']}), max abs diff {q['max_abs_diff']:.3g}"),
+            ("int8 bytes", f"{sizes['int8_file']:,} (fp32 {sizes['fp32_onnx']:,})")]  # fmt: skip
+    ratio = q.get("latency_ratio") or {}
+    if ratio:
+        text = ", ".join(f"{b} {r:.2f}x" for b, r in ratio.items())
+        rows.append(("int8 / fp32 latency", text + " (p50, onnxruntime)"))
     return rows
 
 

@@ -10,9 +10,9 @@ index deltas plus its non-zero values and decodes it in-graph::
 
 Every input of that subgraph is a constant, so onnxruntime constant-folds it back into the
 dense weight when the session is created: the file is small and inference runs the same
-dense kernels. With ``quantize='int8'`` the packed values are int8 and the reshaped tensor
-goes through a per-output-channel DequantizeLinear (symmetric, zero point 0, so pruned
-zeros stay exactly zero).
+dense kernels. With ``quantize='int8-weights'`` (storage only) the packed values are int8
+and the reshaped tensor goes through a per-output-channel DequantizeLinear (symmetric, zero
+point 0, so pruned zeros stay exactly zero).
 """
 
 from __future__ import annotations

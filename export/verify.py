@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from prunekit.errors import SettingError, VerificationError, first_line
 from prunekit.types import call_model
 
+from .modes import QuantizationRefused
+
 FP32_TOL = 1e-5
 
 
@@ -121,9 +123,9 @@ def parity(
     """Compare onnxruntime with the PyTorch pruned model on ``inputs`` [N, ...] (a tensor,
     or a dict of named tensors), the model fed through ``call`` (see :func:`run_torch`).
 
-    fp32: max abs diff must be <= 1e-5. int8: the accuracy change (onnx - torch, as a
-    fraction, on ``targets``) is reported and checked against ``max_accuracy_drop`` if set.
-    Raises VerificationError with the numbers on failure.
+    fp32: max abs diff must be <= 1e-5 (VerificationError). quantized (int8-weights): the
+    accuracy change (onnx - torch, as a fraction, on ``targets``) is reported; a drop of
+    more than ``max_accuracy_drop`` points (if set) raises QuantizationRefused (exit 2).
     """
     feed = feeds(sess, inputs)
     try:
@@ -150,11 +152,14 @@ def parity(
                 f"export parity failed: max abs diff {diff:.3g} > {FP32_TOL:g} on "
                 f"{out['n_inputs']} inputs"
             )
-    elif max_accuracy_drop is not None and acc_t is not None and acc_t - acc_o > max_accuracy_drop:
-        raise VerificationError(
-            f"int8 export lost {acc_t - acc_o:.4f} accuracy ({acc_t:.4f} -> {acc_o:.4f}); "
-            f"allowed {max_accuracy_drop}"
-        )
+    elif max_accuracy_drop is not None and acc_t is not None:
+        drop = 100.0 * (acc_t - acc_o)
+        if drop > max_accuracy_drop:
+            raise QuantizationRefused(
+                f"int8-weights export refused: validation accuracy drops {drop:.2f} points "
+                f"({acc_t:.4f} -> {acc_o:.4f}) > --max-accuracy-drop {max_accuracy_drop:g}; "
+                "raise the limit or export without --quantize; nothing written"
+            )
     return out
 
 

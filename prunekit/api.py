@@ -249,9 +249,11 @@ def check_export(
     opset: int | None = None,
     forward=None,
     dynamic_axes=None,
+    max_accuracy_drop: float | None = None,
 ) -> None:
     """Try the export settings before a long run: a quiet dry export of the model as it is
-    on 2 validation examples, into a temporary folder that is removed.
+    on 2 validation examples, into a temporary folder that is removed (an int8 export is
+    quantized and run, its accuracy limit only checked for form: 2 examples measure none).
 
     Raises what ``export_model`` would raise for these settings (opset, storage, dynamic
     axes, the exporters, onnxruntime parity at two lengths), before any pruning.
@@ -259,8 +261,11 @@ def check_export(
     import logging
     import tempfile
 
+    from prunekit.export import check_accuracy_drop
     from prunekit.export import export_onnx as _export_onnx
 
+    if max_accuracy_drop is not None:
+        check_accuracy_drop(max_accuracy_drop)
     x_val, _ = _export_rows(data)
     two = take_rows(x_val, slice(0, 2))
     quiet = logging.getLogger("prunekit.export")
@@ -272,6 +277,7 @@ def check_export(
                 model, Path(tmp) / "dry.onnx", two, storage=storage, quantize=quantize,
                 opset=opset, verify_inputs=two, latency=False, forward=forward,
                 dynamic_axes=dynamic_axes, infer_from=x_val,
+                max_accuracy_drop=1e9 if quantize else None,
             )  # fmt: skip
     finally:
         quiet.setLevel(level)
@@ -290,9 +296,16 @@ def export_model(
     published_path=None,
     forward=None,
     dynamic_axes=None,
+    max_accuracy_drop: float | None = None,
+    seed: int = 0,
 ) -> dict:
     """Export ``model`` to ONNX at ``path``, verified on the validation split; write the
     receipt ``<path>.json`` beside it (``model.onnx`` -> ``model.onnx.json``).
+
+    quantize 'int8' / 'int8-dynamic' / 'int8-static' computes in int8 (static calibrated on
+    256 training inputs drawn with ``seed``); max_accuracy_drop: points of validation
+    accuracy (cosine to fp32 outputs without labels) it may lose (default 1.0), past which
+    QuantizationRefused (exit 2) and nothing is written.
 
     forward: how the model is fed the inputs (``export_forward``; None = the built-in
     mapping); dynamic_axes: ``NAME:DIM`` specs of input axes that may change length (others
@@ -319,6 +332,9 @@ def export_model(
         overwrite=overwrite,
         forward=forward,
         dynamic_axes=dynamic_axes,
+        max_accuracy_drop=max_accuracy_drop,
+        calibration_inputs=data.x_train,
+        seed=seed,
     )
     if published_path is not None:  # written in a work folder, published later
         receipt["path"] = str(published_path)

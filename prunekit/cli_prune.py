@@ -33,6 +33,7 @@ from prunekit.cli_common import (
     sigterm_as_interrupt,
     tracked_run,
 )
+from prunekit.cli_tools import MAX_ACCURACY_DROP_HELP, QUANTIZE_HELP, check_prune_quantize
 from prunekit.console import BarProgress, print_summary
 from prunekit.limits import check_bounds
 from prunekit.trust import trusting_code
@@ -66,6 +67,15 @@ def prune(
     ),
     dynamic_axis: list[str] = typer.Option(
         [], "--dynamic-axis", metavar="NAME:DIM", help=DYNAMIC_AXIS_HELP, rich_help_panel=OUTPUTS
+    ),
+    quantize: str = typer.Option(
+        None, help="With --export: " + QUANTIZE_HELP, rich_help_panel=OUTPUTS
+    ),
+    max_accuracy_drop: float = typer.Option(
+        None,
+        help=MAX_ACCURACY_DROP_HELP + " A refused file is not written; the run directory is, "
+        "and prune exits 2.",
+        rich_help_panel=OUTPUTS,
     ),
     fisher: str = typer.Option(
         None,
@@ -238,6 +248,7 @@ def prune(
     check_bounds(options, {k: "--" + k.replace("_", "-") for k in options} | {"lam": "--lambda"})
     check_bounds({"samples": fisher_samples}, {"samples": "--fisher-samples"})
     options["dynamic_axis"] = dynamic_axes(dynamic_axis)  # the form, before any loading
+    check_prune_quantize(options)  # --quantize/--max-accuracy-drop: with --export, valid
     with trusting_code(trust_code), library_notes():
         loaded = load(model, arch, trust_pickle)
         out = out or Path("runs") / f"{model.stem}-{criterion}-{sparsity:g}"
@@ -247,6 +258,7 @@ def prune(
 
 _NOT_SETTINGS = (
     "model", "data", "out", "export", "dynamic_axis", "arch", "overwrite", "quiet", "trust_pickle",
+    "quantize", "max_accuracy_drop",
 )  # fmt: skip
 _RENAMED = {"fisher_labels": "labels", "fisher_samples": "samples", "task": "task_spec"}
 
@@ -291,6 +303,8 @@ def _prune_into(loaded, model: Path, out: Path, settings, options: dict) -> None
     if rank != 0:
         return
     print_summary(result.report, out)
+    if plan is not None and plan.get("refused"):  # the run is written; the ONNX file is not
+        raise plan["refused"]
     if export is not None and export.resolve().parent != out.resolve():
         from prunekit.rundir import output_folders
 
@@ -311,8 +325,14 @@ def _export_plan(model, bundle, settings, options: dict) -> dict:
         "export": options["export"],
         "forward": export_forward(bundle, task, settings.loss),
         "dynamic_axes": options["dynamic_axis"],
+        "quantize": options["quantize"],
+        "max_accuracy_drop": options["max_accuracy_drop"],
+        "seed": settings.seed,
     }
-    check_export(model, bundle, forward=plan["forward"], dynamic_axes=plan["dynamic_axes"])
+    check_export(
+        model, bundle, forward=plan["forward"], dynamic_axes=plan["dynamic_axes"],
+        quantize=plan["quantize"], max_accuracy_drop=plan["max_accuracy_drop"],
+    )  # fmt: skip
     return plan
 
 
@@ -329,16 +349,21 @@ def _write_outputs(work: Path, out: Path, result, arch, data_name: str, bundle, 
 
 def _export(result, path: Path, bundle, plan: dict, overwrite: bool):
     """Export the pruned model to ``path`` with its receipt beside it; the receipt names
-    the --export path (the file's final place when ``path`` is in the work folder)."""
+    the --export path (the file's final place when ``path`` is in the work folder). An int8
+    file refused for its accuracy drop inside the work folder is kept in ``plan['refused']``
+    (raised once the run directory is published); elsewhere it is raised at once."""
     from prunekit.api import export_model
+    from prunekit.export import QuantizationRefused
 
-    return export_model(
-        result.model,
-        path,
-        bundle,
-        masks=result.masks,
-        overwrite=overwrite,
-        published_path=plan["export"],
-        forward=plan["forward"],
-        dynamic_axes=plan["dynamic_axes"],
-    )
+    try:
+        return export_model(
+            result.model, path, bundle, masks=result.masks, overwrite=overwrite,
+            published_path=plan["export"], forward=plan["forward"],
+            dynamic_axes=plan["dynamic_axes"], quantize=plan.get("quantize"),
+            max_accuracy_drop=plan.get("max_accuracy_drop"), seed=plan.get("seed", 0),
+        )  # fmt: skip
+    except QuantizationRefused as exc:
+        if path == plan["export"]:
+            raise
+        plan["refused"] = exc
+        return None

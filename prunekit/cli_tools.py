@@ -80,6 +80,48 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory written by pr
         out_console.print(str(path))
 
 
+QUANTIZE_HELP = (
+    "int8: int8 compute in onnxruntime, the faster method for the graph (static QDQ "
+    "calibrated on 256 training inputs when it has a Conv, else dynamic); int8-dynamic, "
+    "int8-static: that method; int8-weights: storage only (int8 values decoded to fp32: "
+    "smaller file, same latency). Verified against the fp32 graph; the receipt gives both "
+    "latencies and accuracies."
+)
+MAX_ACCURACY_DROP_HELP = (
+    "With an int8 --quantize: refuse to write the file (exit 2) if validation accuracy drops "
+    "more than this many points vs the fp32 graph (100 x (1 - cosine) for a model without "
+    "labels); default 1.0 for int8 compute, no limit for int8-weights."
+)
+
+
+def check_quantize_options(storage: str, quantize, opset, max_accuracy_drop) -> None:
+    """Storage/quantize/opset (export.check_modes) and --max-accuracy-drop (a finite number
+    >= 0, only with --quantize), one line each; onnx is not loaded."""
+    from prunekit.errors import SettingError
+    from prunekit.export import check_accuracy_drop, check_modes
+
+    check_modes(storage, quantize, opset)
+    if max_accuracy_drop is not None:
+        check_accuracy_drop(max_accuracy_drop)
+        if quantize is None:
+            raise SettingError(
+                f"--max-accuracy-drop {max_accuracy_drop:g} does nothing without an int8 "
+                "--quantize (int8, int8-dynamic, int8-static, int8-weights)"
+            )
+
+
+def check_prune_quantize(options: dict) -> None:
+    """prune's --quantize and --max-accuracy-drop: valid (check_quantize_options, with the
+    packed storage --export writes) and only with --export; one line each."""
+    from prunekit.errors import SettingError
+
+    quantize, drop = options["quantize"], options["max_accuracy_drop"]
+    if options["export"] is None and (quantize is not None or drop is not None):
+        flag = "--quantize" if quantize is not None else "--max-accuracy-drop"
+        raise SettingError(f"{flag} needs --export PATH.onnx (it sets how the export is written)")
+    check_quantize_options("packed", quantize, None, drop)
+
+
 @app.command("export")
 def export_cmd(
     checkpoint: Path = typer.Argument(
@@ -95,9 +137,10 @@ def export_cmd(
         help="dense, sparse (SparseTensorProto) or packed (uint8 index deltas + "
         "values, decoded in-graph and constant-folded by onnxruntime).",
     ),
-    quantize: str = typer.Option(None, help="int8: packed values as int8 with per-row scales."),
+    quantize: str = typer.Option(None, help=QUANTIZE_HELP),
+    max_accuracy_drop: float = typer.Option(None, help=MAX_ACCURACY_DROP_HELP),
     opset: int = typer.Option(
-        None, help="ONNX opset: default 18; valid 7..23 (packed/sparse need >= 11, int8 >= 13)."
+        None, help="ONNX opset: default 18; valid 7..23 (packed/sparse need >= 11, int8* >= 13)."
     ),
     dynamic_axis: list[str] = typer.Option(
         [], "--dynamic-axis", metavar="NAME:DIM", help=DYNAMIC_AXIS_HELP
@@ -118,11 +161,10 @@ def export_cmd(
     """Export a pruned model to ONNX, verify parity in onnxruntime, and print the receipt."""
     from prunekit.api import export_forward, export_model, resolve_data
     from prunekit.data import check_data_fits
-    from prunekit.export import check_modes
     from prunekit.rundir import output_folders
     from prunekit.tasks import load_task
 
-    check_modes(storage, quantize, opset)
+    check_quantize_options(storage, quantize, opset, max_accuracy_drop)
     axes = dynamic_axes(dynamic_axis)
     with trusting_code(trust_code), library_notes():
         loaded = load(checkpoint, arch, trust_pickle)
@@ -135,5 +177,6 @@ def export_cmd(
             receipt = export_model(
                 loaded.model, out, bundle, storage=storage, quantize=quantize, opset=opset,
                 overwrite=overwrite, forward=export_forward(bundle, user), dynamic_axes=axes,
+                max_accuracy_drop=max_accuracy_drop,
             )  # fmt: skip
     show_receipt(receipt)

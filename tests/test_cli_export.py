@@ -120,7 +120,7 @@ def test_prune_export_graph_has_no_mask_multiplication(pruned_run):
 
 @pytest.mark.parametrize(
     ("storage", "quantize"),
-    [("packed", None), ("dense", None), ("sparse", None), ("packed", "int8")],
+    [("packed", None), ("dense", None), ("sparse", None), ("packed", "int8-weights")],
 )
 def test_export_command_every_mode(pruned_run, tmp_path, cli, val_inputs, storage, quantize):
     ckpt = pruned_run["out"] / "model.safetensors"

@@ -162,11 +162,11 @@ def test_cleanup_removes_dead_ffn_units_and_keeps_parity(tmp_path):
     assert model.blocks[0].ffn.fc1.out_features == FFN  # the caller's model is untouched
 
 
-def test_int8_on_the_encoder(tmp_path):
+def test_int8_weights_on_the_encoder(tmp_path):
     model, masks = pruned_encoder()
     verify = _inputs(model, 16, 10, 1)
     targets = torch.from_numpy(run_torch(model, verify).argmax(-1))
-    r = export_onnx(model, tmp_path / "q.onnx", _inputs(model, 2, 8, 0), quantize="int8",
+    r = export_onnx(model, tmp_path / "q.onnx", _inputs(model, 2, 8, 0), quantize="int8-weights",
                     masks=masks, verify_inputs=verify, verify_targets=targets,
                     latency=False)  # fmt: skip
     v = r["verification"]

@@ -96,7 +96,8 @@ def test_int8_decoder_matches_numpy_and_keeps_zeros(dequant, axis):
 @pytest.mark.parametrize(
     "storage,quantize,needle",
     [("csr", None, "dense, packed, sparse"), ("packed", "int4", "int8"),
-     ("dense", "int8", "packed"), ("sparse", "int8", "packed")],
+     ("dense", "int8", "packed"), ("sparse", "int8", "packed"),
+     ("dense", "int8-weights", "packed"), ("sparse", "int8-static", "packed")],
 )  # fmt: skip
 def test_bad_modes_raise_setting_error_naming_valid(storage, quantize, needle):
     with pytest.raises(SettingError, match=needle):
@@ -104,8 +105,12 @@ def test_bad_modes_raise_setting_error_naming_valid(storage, quantize, needle):
 
 
 def test_modes_registry_and_opset_floor():
-    assert STORAGE_MODES == ("dense", "sparse", "packed") and QUANTIZE_MODES == ("int8",)
-    check_modes("packed", "int8")
+    assert STORAGE_MODES == ("dense", "sparse", "packed")
+    assert QUANTIZE_MODES == ("int8", "int8-dynamic", "int8-static", "int8-weights")
+    for mode in QUANTIZE_MODES:
+        check_modes("packed", mode)
+        with pytest.raises(SettingError, match=">= 13"):
+            check_opset(12, "packed", mode)
     with pytest.raises(SettingError, match=">= 13"):
         check_opset(12, "packed", "int8")
     with pytest.raises(SettingError, match=">= 11"):

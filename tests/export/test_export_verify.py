@@ -75,17 +75,17 @@ def test_bad_input_refused_before_writing(tmp_path):
 def test_receipt_json_and_table(tmp_path):
     model = make_mlp().eval()
     x, y = torch.randn(8, 20), torch.randint(0, 4, (8,))
-    r = export_onnx(model, tmp_path / "m.onnx", x, quantize="int8",
+    r = export_onnx(model, tmp_path / "m.onnx", x, quantize="int8-weights",
                     masks=random_masks(model, 0.9), verify_targets=y)  # fmt: skip
     out = write_receipt(r, receipt_path(tmp_path / "m.onnx"))
     assert out == tmp_path / "m.onnx.json"
     loaded = json.loads(out.read_text())
-    assert loaded["storage"] == "packed" and loaded["quantize"] == "int8"
+    assert loaded["storage"] == "packed" and loaded["quantize"] == "int8-weights"
     assert loaded["bytes"]["file"] == (tmp_path / "m.onnx").stat().st_size
     assert "densely in memory" in loaded["memory_note"]
     rows = receipt_table(r)
     assert all(isinstance(a, str) and isinstance(b, str) for a, b in rows)
     labels = dict(rows)
-    assert labels["storage"] == "packed + int8" and "accuracy change" in labels
+    assert labels["storage"] == "packed + int8-weights" and "accuracy change" in labels
     assert "onnxruntime_packed batch64 p50/p90" in labels
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
