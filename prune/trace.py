@@ -59,25 +59,20 @@ def trace_units(model: nn.Module, example_inputs, targets=None) -> UnitTrace:
         groups, excluded = rule(model)
     else:
         groups, excluded = fx_groups(model, example_inputs)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     if targets is not None:
-        names = set(targets)
-        kept = []
+        names, kept = set(targets), []
         for g in groups:
-            weights = [m.param for m in g.members if m.role == "out" and m.param in names]
-            producers = {m.param for m in g.members if m.role == "out" and _is_weight(m.param)}
-            if producers and producers <= set(weights):
+            # the producing weights (matrices/kernels; norms and biases are never targets)
+            producers = {m.param for m in g.members if m.role == "out" and len(shapes[m.param]) > 1}
+            if producers <= names:
                 kept.append(g)
             else:
                 excluded[g.name] = "its producing weight is not a pruning target"
         groups = kept
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     for g in groups:
         g.check(shapes)
     return UnitTrace(tuple(groups), excluded)
-
-
-def _is_weight(param: str) -> bool:
-    return param.rsplit(".", 1)[-1].startswith("weight")
 
 
 def _class_name(obj) -> str:

@@ -323,16 +323,25 @@ class _Walker:
         lead = next((v for v in vals if v is not None and self.live(v)), None)
         if lead is None:
             return None
-        axis_back = lead.dim - len(shape)  # broadcasting aligns from the right
+        lead_arg = tensors[vals.index(lead)]
+        axis_back = lead.dim - len(_shape(lead_arg))  # broadcasting aligns from the right
         for arg, v in zip(tensors, vals, strict=True):
-            s = _shape(arg)
-            if len(s) + axis_back < 0 or s[axis_back] == 1:
-                continue  # broadcast along the channel axis: scales every channel alike
-            if v is None or v.dim - len(s) != axis_back:
-                self.tie(node, lead, None)
-            else:
+            if arg is lead_arg:
+                continue
+            s, reason = _shape(arg), f"broadcast across channels at {node.name!r}"
+            pos = len(s) + axis_back
+            if pos < 0 or s[pos] == 1:  # scales/shifts every channel alike: harmless to lead
+                self.exclude_val(v, reason)  # but v's own units would spread over them
+            elif v is not None and v.dim == pos:
                 self.tie(node, lead, v)
-        return lead
+            else:
+                self.exclude_val(v, reason)
+                self.tie(node, lead, None)
+        return _Val(len(shape) + axis_back, lead.segs)
+
+    def exclude_val(self, v: _Val | None, reason: str) -> None:
+        for gid in self.live(v):
+            self.groups.exclude(gid, reason)
 
     def tie(self, node, a: _Val, b: _Val | None) -> None:
         if b is not None and [(s.count, s.width) for s in a.segs] == [
@@ -355,15 +364,28 @@ class _Walker:
         """Flatten-like reshapes only: the channel axis merged with the axes after it."""
         src, out = _shape(node.args[0]), _shape(node)
         lead = math.prod(src[: x.dim])
-        for k in range(len(out) + 1):
-            if math.prod(out[:k]) == lead and (k == len(out) or out[k] != 1 or src[x.dim] == 1):
-                break
-        for end in range(x.dim, len(src)):
-            if k < len(out) and out[k] == math.prod(src[x.dim : end + 1]):
-                if out[k + 1 :] == src[end + 1 :] or end + 1 == len(src):
+        # the axes before the channels may only regroup among themselves (same product),
+        # the channel axis must open a merged run of axes; the rest regroup freely
+        for k in range(len(out)):
+            if math.prod(out[:k]) != lead:
+                continue
+            for end in range(x.dim, len(src)):
+                if out[k] == math.prod(src[x.dim : end + 1]):
                     scale = math.prod(src[x.dim + 1 : end + 1])
+                    self.fixed_count(node, k, out[k], x)
                     return _Val(k, tuple(_Seg(s.gid, s.count, s.width * scale) for s in x.segs))
         self.refuse(node, f"reshapes {src} to {out}, which mixes the channels")
+
+    def fixed_count(self, node, k: int, count: int, x: _Val) -> None:
+        """A view/reshape that spells the channel axis as a literal would break once units
+        are gone (sizes read off the tensor, -1 and flatten adapt): its units stay."""
+        if node.target not in ("view", "reshape", torch.reshape):
+            return
+        sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = sizes[0]
+        if k < len(sizes) and isinstance(sizes[k], int) and sizes[k] != -1:
+            self.exclude_val(x, f"{node.name!r} reshapes to a literal {count} channels")
 
     def concat(self, node) -> _Val | None:
         parts = node.args[0] if node.args else node.kwargs["tensors"]
@@ -406,7 +428,7 @@ class _Walker:
         index = index if isinstance(index, tuple) else (index,)
         if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in index) or Ellipsis in index:
             self.refuse(node, "indexes a hidden tensor by data (data-dependent indexing)")
-        if None in index or len(index) > x.dim + 1 and index[x.dim] != slice(None):
+        if None in index or len(index) > x.dim and index[x.dim] != slice(None):
             self.refuse(node, "indexes or slices the channel axis")
         dropped = sum(isinstance(i, int) for i in index[: x.dim])
         return _Val(x.dim - dropped, x.segs)

@@ -211,3 +211,46 @@ def test_concatenated_branches_feed_offset_columns():
     assert groups["a"].members[-1] == Member("c.weight", 1, "in", offset=0)
     assert groups["b"].members[-1] == Member("c.weight", 1, "in", offset=2)
     assert run(model, x).shape == (2, 18)
+
+
+class Gated(nn.Module):
+    """Units scaled by a broadcast (N, 1, H, W) gate, then a spatial reshape and mean."""
+
+    def __init__(self, offset: bool = False, literal: bool = False):
+        super().__init__()
+        self.a, self.g, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 1, 1), nn.Linear(4, 2)
+        self.offset = nn.Parameter(torch.randn(4, 1, 1)) if offset else None
+        self.literal = literal
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)) * torch.sigmoid(self.g(x))
+        if self.offset is not None:
+            h = h + self.offset  # a per-channel parameter outside any group: cannot shrink
+        channels = 4 if self.literal else h.shape[1]  # a literal breaks once channels go
+        return self.fc(h.reshape(h.shape[0], channels, -1).mean(-1))
+
+
+def test_broadcast_gates_and_spatial_reshapes_carry_units_and_a_raw_parameter_excludes():
+    from prunekit.prune.shrink import shrink_model
+
+    model, x = Gated().double().eval(), torch.randn(3, 1, 5, 5, dtype=torch.float64)
+    groups, excluded = _by_name(model, x)
+    assert list(groups) == ["a"] and groups["a"].members[-1] == Member("fc.weight", 1, "in")
+    assert "broadcast" in excluded["g"] and excluded["fc"] == "output units of the model"
+    keep = {"a": torch.tensor([True, False, True, False])}
+    small = shrink_model(model, list(groups.values()), keep)
+    with torch.no_grad():
+        model.a.weight[[1, 3]] = 0
+        model.a.bias[[1, 3]] = 0
+        model.fc.weight[:, [1, 3]] = 0
+        assert torch.allclose(small(x), model(x), atol=1e-12) and small.a.out_channels == 2
+    groups, excluded = _by_name(Gated(offset=True), x.float())
+    assert groups == {} and "'add'" in excluded["a"]
+    groups, excluded = _by_name(Gated(literal=True), x.float())
+    assert groups == {} and "literal 4 channels" in excluded["a"]
+
+
+def test_targets_keep_batchnorm_groups_of_target_convs():
+    model, x = build("cnn")
+    t = trace_units(model, x, find_targets(model))
+    assert [g.name for g in t.groups] == ["0", "4", "9"]
