@@ -182,6 +182,7 @@ def _rebuild_recurrent(root: nn.Module, owner: str, module, dims) -> None:
     new = type(module)(
         input_size, hidden, num_layers=module.num_layers, bias=module.bias,
         batch_first=module.batch_first, dropout=module.dropout,
+        bidirectional=module.bidirectional, **_proj(module),
         device=module.weight_ih_l0.device, dtype=module.weight_ih_l0.dtype,
     )  # fmt: skip
     with torch.no_grad():
@@ -198,6 +199,10 @@ def _rebuild_recurrent(root: nn.Module, owner: str, module, dims) -> None:
     new.train(module.training)
     parent, _, leaf = owner.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _proj(module) -> dict:
+    return {"proj_size": module.proj_size} if getattr(module, "proj_size", 0) else {}
 
 
 def _set_heads(root: nn.Module, group: UnitGroup, heads: int) -> None:

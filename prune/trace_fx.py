@@ -262,6 +262,8 @@ class _Walker:
             if x.dim != 1 or len(_shape(node)) < 3 or any(s.width != 1 for s in x.segs):
                 self.refuse(node, "pools across channels")
             return x
+        if type(mod) in (nn.LSTM, nn.GRU):
+            return self.recurrent_reader(node, mod, x)
         if isinstance(mod, (nn.Flatten, nn.Unflatten)):
             return self.reshape(node, x)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
@@ -297,6 +299,21 @@ class _Walker:
         size = mod.out_channels if conv else mod.out_features
         gid = self.groups.new(node.target, "channel" if conv else "neuron", size, members)
         return _Val(1 if conv else len(out_shape) - 1, (_Seg(gid, size),))
+
+    def recurrent_reader(self, node, mod, x: _Val) -> None:
+        """nn.LSTM/GRU reading units as input features: weight_ih_l0 columns (both
+        directions). Its own hidden units are not offered here (SequenceClassifier's rule)."""
+        if x.dim != len(_shape(node.args[0])) - 1:
+            self.refuse(node, "reads units along another axis than its input features")
+        names = ["weight_ih_l0"] + (["weight_ih_l0_reverse"] if mod.bidirectional else [])
+        offset = 0
+        for s in x.segs:
+            if self.groups.live(s):
+                for name in names:
+                    self.groups.add(s.gid, Member(f"{node.target}.{name}", 1, "in", s.width,
+                                                  offset=offset))  # fmt: skip
+            offset += s.count * s.width
+        return None
 
     def batchnorm(self, node, mod, x: _Val) -> _Val:
         if x.dim != 1 or any(s.width != 1 for s in x.segs):

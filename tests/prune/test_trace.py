@@ -254,3 +254,31 @@ def test_targets_keep_batchnorm_groups_of_target_convs():
     model, x = build("cnn")
     t = trace_units(model, x, find_targets(model))
     assert [g.name for g in t.groups] == ["0", "4", "9"]
+
+
+def test_a_traced_lstm_reads_units_through_its_input_columns():
+    from prunekit.prune.shrink import shrink_model
+
+    class FrontEnd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 4)
+            self.rnn = nn.LSTM(4, 5, batch_first=True, bidirectional=True)
+            self.head = nn.Linear(10, 2)
+
+        def forward(self, x):
+            out, _ = self.rnn(torch.tanh(self.proj(x)))
+            return self.head(out[:, -1])
+
+    model, x = FrontEnd().double().eval(), torch.randn(2, 6, 3, dtype=torch.float64)
+    groups, _ = _by_name(model, x)
+    assert list(groups) == ["proj"]
+    assert {m.param for m in groups["proj"].members if m.role == "in"} == {
+        "rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse"}  # fmt: skip
+    keep = {"proj": torch.tensor([True, False, True, True])}
+    small = shrink_model(model, list(groups.values()), keep)
+    assert small.rnn.input_size == 3 and small.rnn.bidirectional
+    with torch.no_grad():
+        model.proj.weight[1] = 0
+        model.proj.bias[1] = 0
+        assert torch.allclose(small(x), model(x), atol=1e-12)
