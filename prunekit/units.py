@@ -276,9 +276,11 @@ def _compensate(model, plan: UnitPlan, curv, before, after, damping: float) -> l
 def unit_step(run, crit, score_batches, key, target: float) -> dict:
     """One units pruning step on the loop's ``_Run`` (``run.units`` holds the ``UnitPlan``):
     score every unit, remove the lowest until ``target`` of all units are gone (monotone),
-    set ``run.masks`` to the param-level masks and zero the entries ('obs': the consumers'
-    remaining columns compensate first). Returns metrics-row entries: 'sparsity' (fraction
-    of units removed), 'weight_sparsity' (of the member entries), 'units_kept' per group."""
+    update ``run.masks`` with the members' param-level masks (entries of other parameters,
+    e.g. all-True masks of targets in no group, stay) and zero the entries ('obs': the
+    consumers' remaining columns compensate first). Returns metrics-row entries: 'sparsity'
+    (fraction of units removed), 'weight_sparsity' (of all masked entries), 'units_kept'
+    per group (and 'obs_compensated': the consumer weights updated)."""
     plan: UnitPlan = run.units
     settings = run.settings
     before = plan.keep_of(run.masks)
@@ -294,13 +296,15 @@ def unit_step(run, crit, score_batches, key, target: float) -> dict:
     if type(crit).__name__.lower() == "obs":
         damping = getattr(crit, "damping", 1e-3)
         compensated = _compensate(run.model, plan, curv, before, keep, damping)
-    run.masks = plan.masks_for(keep)
+    # entries of targets outside every group (all True) stay, so report and resume see them
+    run.masks = {**run.masks, **plan.masks_for(keep)}
     apply_masks(run.model, run.masks)
     return step_entries(plan, run.masks, keep, compensated)
 
 
 def step_entries(plan: UnitPlan, masks: Masks, keep, compensated=()) -> dict:
-    """Metrics-row entries of a units step (see ``unit_step``)."""
+    """Metrics-row entries of a units step (see ``unit_step``); 'weight_sparsity' is over
+    every entry of ``masks``."""
     removed = sum(int((~k).sum()) for k in keep.values())
     entries = sum(m.numel() for m in masks.values())
     zeros = sum(int((~m).sum()) for m in masks.values())

@@ -128,7 +128,9 @@ def test_global_steps_remove_exact_counts_monotone_and_zero_every_member():
 
 def test_layer_scope_removes_round_s_size_per_group():
     run, batches = make_run(mlp(), mlp_groups(), Settings(scope="layer"))
+    run.masks["4.bias"] = torch.ones(3, dtype=torch.bool)  # in no group: kept as it is
     unit_step(run, crit_of("magnitude"), batches, label_key(0, 1), 0.5)
+    assert bool(run.masks["4.bias"].all())
     keep = run.units.keep_of(run.masks)
     assert int((~keep["0"]).sum()) == 4 and int((~keep["2"]).sum()) == round(0.5 * 5)
 
