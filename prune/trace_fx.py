@@ -45,16 +45,19 @@ _ELEMENTWISE_FUNCTIONS = {
     F.dropout1d, F.dropout2d, operator.neg, torch.neg,
 }  # fmt: skip
 _ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid", "contiguous", "clone", "neg", "float",
-                        "double", "relu_", "tanh_", "sigmoid_"}  # fmt: skip
+                        "double", "relu_", "tanh_", "sigmoid_", "to"}  # fmt: skip
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
            operator.isub, operator.imul, torch.add, torch.sub, torch.mul, torch.div,
            "add", "sub", "mul", "div", "add_", "mul_"}  # fmt: skip
 _DIVIDES = {operator.truediv, torch.div, "div"}
-_RESHAPES = {"view", "reshape", "flatten", "unflatten", torch.flatten, torch.reshape}
+# row-major reshapes, read off the shapes (exact for the traced batch's memory layout)
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", torch.flatten,
+             torch.reshape, torch.squeeze, torch.unsqueeze}  # fmt: skip
+_PERMUTES = {"transpose", "permute", torch.transpose, torch.permute}
 _REDUCTIONS = {"mean", "sum", "amax", torch.mean, torch.sum, torch.amax}
 _SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax",
             "log_softmax"}  # fmt: skip
-_SHAPE_ONLY = {"size", "dim"}
+_SHAPE_ONLY = {"size", "dim", "numel"}
 OUTPUT = "output units of the model"
 
 
@@ -234,6 +237,8 @@ class _Walker:
             return self.binary(node, fn)
         if fn in _RESHAPES:
             return self.reshape(node, x)
+        if fn in _PERMUTES:
+            return self.permute(node, x)
         if fn in (torch.cat, torch.concat):
             return self.concat(node)
         if fn in _REDUCTIONS:
@@ -259,7 +264,12 @@ class _Walker:
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             return self.batchnorm(node, mod, x)
         if isinstance(mod, _POOL_MODULES):
-            if x.dim != 1 or len(_shape(node)) < 3 or any(s.width != 1 for s in x.segs):
+            if (
+                getattr(mod, "return_indices", False)
+                or x.dim != 1
+                or len(_shape(node)) < 3
+                or any(s.width != 1 for s in x.segs)
+            ):
                 self.refuse(node, "pools across channels")
             return x
         if type(mod) in (nn.LSTM, nn.GRU):
@@ -392,6 +402,19 @@ class _Walker:
                     self.fixed_count(node, k, out[k], x)
                     return _Val(k, tuple(_Seg(s.gid, s.count, s.width * scale) for s in x.segs))
         self.refuse(node, f"reshapes {src} to {out}, which mixes the channels")
+
+    def permute(self, node, x: _Val) -> _Val:
+        """transpose(a, b) / permute(*dims): the channel axis moves, its entries do not."""
+        ndim = len(_shape(node.args[0]))
+        rest = [a for a in node.args[1:]] + list(node.kwargs.values())
+        if node.target in ("transpose", torch.transpose):
+            a, b = (int(d) % ndim for d in rest[:2])
+            order = list(range(ndim))
+            order[a], order[b] = b, a
+        else:
+            order = list(rest[0]) if len(rest) == 1 else list(rest)
+            order = [int(d) % ndim for d in order]
+        return _Val(order.index(x.dim), x.segs)
 
     def fixed_count(self, node, k: int, count: int, x: _Val) -> None:
         """A view/reshape that spells the channel axis as a literal would break once units

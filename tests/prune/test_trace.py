@@ -282,3 +282,30 @@ def test_a_traced_lstm_reads_units_through_its_input_columns():
         model.proj.weight[1] = 0
         model.proj.bias[1] = 0
         assert torch.allclose(small(x), model(x), atol=1e-12)
+
+
+def test_transposed_sequences_through_conv1d_and_unsqueeze():
+    from prunekit.prune.shrink import shrink_model
+
+    class Temporal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.conv, self.fc = nn.Linear(3, 4), nn.Conv1d(4, 5, 3), nn.Linear(5, 2)
+
+        def forward(self, x):  # x (N, T, 3)
+            h = torch.relu(self.inp(x)).transpose(1, 2)  # (N, 4, T): units on dim 1
+            h = torch.relu(self.conv(h)).unsqueeze(-1).permute(0, 2, 3, 1)  # (N, T', 1, 5)
+            return self.fc(h.squeeze(2).mean(1))
+
+    model, x = Temporal().double().eval(), torch.randn(3, 7, 3, dtype=torch.float64)
+    groups, _ = _by_name(model, x)
+    assert sorted(groups) == ["conv", "inp"]
+    assert groups["conv"].members[-1] == Member("fc.weight", 1, "in")
+    keep = {"inp": torch.tensor([False, True, True, True]), "conv": torch.arange(5) % 2 == 0}
+    small = shrink_model(model, list(groups.values()), keep)
+    with torch.no_grad():
+        model.inp.weight[0] = 0
+        model.inp.bias[0] = 0
+        model.conv.weight[:, 0] = 0
+        model.fc.weight[:, [1, 3]] = 0
+        assert torch.allclose(small(x), model(x), atol=1e-12)
