@@ -309,3 +309,24 @@ def test_transposed_sequences_through_conv1d_and_unsqueeze():
         model.conv.weight[:, 0] = 0
         model.fc.weight[:, [1, 3]] = 0
         assert torch.allclose(small(x), model(x), atol=1e-12)
+
+
+def test_batchnorm1d_after_a_linear_joins_the_neuron_group():
+    from prunekit.prune.shrink import shrink_model
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.GELU(), nn.Dropout(0.1),
+                          nn.Linear(5, 2)).double()  # fmt: skip
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].bias.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    groups, _ = _by_name(model, x)
+    assert [m.param for m in groups["0"].members] == ["0.weight", "0.bias", "1.weight",
+                                                      "1.bias", "4.weight"]  # fmt: skip
+    keep = {"0": torch.tensor([True, False, True, False, True])}
+    small = shrink_model(model, list(groups.values()), keep)
+    assert small[1].num_features == 3 and small[1].running_mean.shape == (3,)
+    with torch.no_grad():
+        model[4].weight[:, [1, 3]] = 0  # consumers no longer read units 1 and 3
+        assert torch.allclose(small(x), model(x), atol=1e-12)
