@@ -29,9 +29,10 @@ SUPPORTED_OPSETS = (
 )
 
 STORAGE_MODES = ("dense", "sparse", "packed")
-#: int8 compute in onnxruntime (export/quantize.py): 'int8' picks per graph (static QDQ when
-#: it has a Conv, dynamic otherwise); 'int8-weights' is storage only (packed int8 values with
-#: per-row scales, decoded to fp32 in-graph: smaller file, same fp32 compute and latency).
+#: int8 compute in onnxruntime (export/quantize.py): 'int8' = dynamic (the fastest measured;
+#: static only for a conv-only graph), 'int8-static' = QDQ calibrated, convolutions too;
+#: 'int8-weights' is storage only (packed int8 values with per-row scales, decoded to fp32
+#: in-graph: smaller file, same fp32 compute and latency).
 INT8_COMPUTE = ("int8", "int8-dynamic", "int8-static")
 QUANTIZE_MODES = (*INT8_COMPUTE, "int8-weights")
 # storage modes a quantize mode works with: an int8-compute graph stores its int8 weights

@@ -81,11 +81,11 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory written by pr
 
 
 QUANTIZE_HELP = (
-    "int8: int8 compute in onnxruntime, the faster method for the graph (static QDQ "
-    "calibrated on 256 training inputs when it has a Conv, else dynamic); int8-dynamic, "
-    "int8-static: that method; int8-weights: storage only (int8 values decoded to fp32: "
-    "smaller file, same latency). Verified against the fp32 graph; the receipt gives both "
-    "latencies and accuracies."
+    "int8: int8 compute in onnxruntime (dynamic: MatMul/Gemm in int8, activations scaled at "
+    "run time; convolutions stay fp32, the faster choice measured); int8-dynamic: the same; "
+    "int8-static: QDQ calibrated on 256 training inputs, convolutions too; int8-weights: "
+    "storage only (int8 values decoded to fp32: smaller file, same latency). Verified "
+    "against the fp32 graph; the receipt gives both latencies and accuracies."
 )
 MAX_ACCURACY_DROP_HELP = (
     "With an int8 --quantize: refuse to write the file (exit 2) if validation accuracy drops "

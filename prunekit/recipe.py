@@ -148,7 +148,13 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
     "export": {
         "enabled": _f(bool, False, "export model.onnx into the run directory"),
         "storage": _f(str, "packed", "ONNX storage mode", choices="storage"),
-        "quantize": _f(OPT_STR, None, "null or a quantization", choices="quantize"),
+        "quantize": _f(
+            OPT_STR, None, "null, int8, int8-dynamic/-static, int8-weights", choices="quantize"
+        ),
+        "max_accuracy_drop": _f(
+            (*NUM, type(None)), None, "int8: max accuracy drop vs fp32 graph, points (null 1.0)",
+            low=0,
+        ),  # fmt: skip
     },
     "checks": {
         "min_sparsity": _f(

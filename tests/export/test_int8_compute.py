@@ -94,7 +94,7 @@ def test_cnn_with_batchnorm_int8_is_static_qdq_calibrated_and_fused(tmp_path):
     gen = torch.Generator().manual_seed(0)
     x, train = torch.randn(40, 1, 6, 6, generator=gen), torch.randn(400, 1, 6, 6, generator=gen)
     path = tmp_path / "c.onnx"
-    r = export_onnx(model, path, x[:4], quantize="int8", masks=masks, verify_inputs=x,
+    r = export_onnx(model, path, x[:4], quantize="int8-static", masks=masks, verify_inputs=x,
                     calibration_inputs=train, seed=3, latency=False)  # fmt: skip
     q = r["quantization"]
     assert q["method"] == "static"
@@ -108,12 +108,25 @@ def test_cnn_with_batchnorm_int8_is_static_qdq_calibrated_and_fused(tmp_path):
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(path).graph.node}
 
 
-def test_int8_dynamic_on_a_cnn_leaves_convolutions_fp32(tmp_path):
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic"])
+def test_int8_on_a_cnn_is_dynamic_and_leaves_convolutions_fp32(tmp_path, mode):
     model = make_cnn()
     x = torch.randn(16, 1, 6, 6)
-    r = export_onnx(model, tmp_path / "c.onnx", x[:4], quantize="int8-dynamic",
-                    verify_inputs=x, latency=False)  # fmt: skip
+    r = export_onnx(model, tmp_path / "c.onnx", x[:4], quantize=mode, verify_inputs=x,
+                    latency=False)  # fmt: skip
+    assert r["quantization"]["method"] == "dynamic"
     assert r["quantization"]["integer_ops"] == {"DynamicQuantizeLinear": 1, "MatMulInteger": 1}
+    assert "Conv" in {n.op_type for n in onnx.load(tmp_path / "c.onnx").graph.node}
+
+
+def test_int8_on_a_conv_only_graph_falls_back_to_static(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    x = torch.randn(16, 1, 6, 6)
+    r = export_onnx(model, tmp_path / "c.onnx", x[:4], quantize="int8", verify_inputs=x,
+                    latency=False)  # fmt: skip
+    assert r["quantization"]["method"] == "static"
+    assert r["quantization"]["calibration"]["source"] == "validation inputs"
 
 
 def _near_tie_model() -> nn.Module:
