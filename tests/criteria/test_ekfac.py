@@ -313,3 +313,20 @@ def test_masked_scaling_of_a_widening_linear():
         q = orc.kron_basis(ekfac.basis.u_g[t], ekfac.basis.u_a[t])
         want = ((v @ q).pow(2).sum(1) / n).reshape(grp, ly.rows, ly.cols)
         torch.testing.assert_close(ekfac.scaling[t], want, **CLOSE)
+
+
+def test_project_skips_zero_rows_exactly():
+    """Padded (all-zero) rows take no GEMM yet every row equals rows @ u (float64)."""
+    from prunekit.criteria.ekfac import _project
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 1, 5, 4, generator=gen, dtype=torch.float64)
+    rows[0, 0, 3:] = 0.0  # padding at the end of example 0
+    rows[2, 0, 1] = 0.0  # and a zero row inside example 2
+    u = torch.linalg.qr(torch.randn(1, 4, 4, generator=gen, dtype=torch.float64))[0]
+    got = _project(rows, u)
+    assert got.shape == rows.shape
+    torch.testing.assert_close(got, torch.einsum("nglc,gcd->ngld", rows, u))
+    grouped = torch.randn(2, 2, 3, 4, generator=gen, dtype=torch.float64)
+    u2 = torch.linalg.qr(torch.randn(2, 4, 4, generator=gen, dtype=torch.float64))[0]
+    torch.testing.assert_close(_project(grouped, u2), torch.einsum("nglc,gcd->ngld", grouped, u2))
