@@ -41,6 +41,32 @@ def check_keep(groups: list[UnitGroup], keep: dict[str, Tensor]) -> None:
             )
 
 
+def keep_from_zeros(model: nn.Module, groups: list[UnitGroup]) -> dict[str, Tensor]:
+    """Kept units read off the weights: a unit goes (False) when every entry its readers
+    ('in' members) hold is exactly 0 (a group with no reader: every 'out' entry).
+
+    Nothing reads such a unit, so deleting it is exact; this is how a checkpoint saved with
+    full shapes and zeroed units (a units-pruned run) is shrunk later, e.g. at export. The
+    lowest-numbered unit of a group with no live unit stays, so no layer is emptied.
+    Returns group name -> bool (size,) (True = keep).
+    """
+    params = dict(model.named_parameters())
+    keep = {}
+    for g in groups:
+        readers = [m for m in g.members if m.role == "in"] or list(g.members)
+        alive = torch.zeros(g.size, dtype=torch.bool)
+        for unit in range(g.size):
+            alive[unit] = any(
+                bool(params[m.param].detach().index_select(m.dim, m.index(unit).to(
+                    params[m.param].device)).ne(0).any())
+                for m in readers
+            )  # fmt: skip
+        if not alive.any():
+            alive[0] = True
+        keep[g.name] = alive
+    return keep
+
+
 def shrink_model(model: nn.Module, groups: list[UnitGroup], keep: dict[str, Tensor]) -> nn.Module:
     """A new, smaller copy of ``model`` without the removed units of ``groups``.
 

@@ -199,3 +199,27 @@ def test_onnx_export_of_the_shrunk_model_is_smaller_and_matches(name, tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: xf.numpy()})[0]
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(got), small(xf), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cnn", "lstm", "encoder"])
+def test_keep_read_off_the_zeros_recovers_the_removed_units(name):
+    from prunekit.prune.shrink import keep_from_zeros
+
+    model, x = build(name)
+    groups = find_unit_groups(model, x)
+    keep = _keep(groups, seed=5)
+    zeroed = _zeroed(model, groups, keep)
+    found = keep_from_zeros(zeroed, groups)
+    assert all(torch.equal(found[g.name], keep[g.name]) for g in groups)
+    with torch.no_grad():
+        assert torch.allclose(
+            run(shrink_model(zeroed, groups, found), x), run(zeroed, x), atol=1e-12
+        )
+    # a group whose readers are all zero keeps one unit instead of emptying its layer
+    with torch.no_grad():
+        for m in groups[0].members:
+            if m.role == "in":
+                dict(zeroed.named_parameters())[m.param].zero_()
+    assert keep_from_zeros(zeroed, groups)[groups[0].name].tolist() == [True] + [False] * (
+        groups[0].size - 1
+    )
