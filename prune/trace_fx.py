@@ -35,8 +35,13 @@ ELEMENTWISE_MODULES = (
 _POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
 )  # fmt: skip
+_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
+}  # fmt: skip
 _CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                   nn.InstanceNorm3d, nn.LocalResponseNorm)  # fmt: skip
 _ELEMENTWISE_FUNCTIONS = {
@@ -225,8 +230,12 @@ class _Walker:
         else:
             self.vals[node] = self.function(node, node.target)
 
+    def first(self, node) -> _Val | None:
+        """The val of the op's first argument (positional, else the first keyword)."""
+        return self.val(_first_arg(node))
+
     def function(self, node, fn) -> _Val | None:
-        x = self.val(node.args[0]) if node.args else None
+        x = self.first(node)
         if not any(self.live(self.val(n)) for n in self.inputs(node)):
             return None  # nothing removable reads this op: it cannot matter
         if fn in _ELEMENTWISE_FUNCTIONS or fn in _ELEMENTWISE_METHODS:
@@ -241,6 +250,8 @@ class _Walker:
             return self.permute(node, x)
         if fn in (torch.cat, torch.concat):
             return self.concat(node)
+        if fn in _POOL_FUNCTIONS:
+            return self.pool(node, x, bool(node.kwargs.get("return_indices", False)))
         if fn in _REDUCTIONS:
             return self.reduce(node, x)
         if fn in _SOFTMAX:
@@ -250,7 +261,7 @@ class _Walker:
         self.refuse(node, f"calls {getattr(fn, '__name__', fn)!s}, which is not understood")
 
     def module(self, node, mod: nn.Module) -> _Val | None:
-        x = self.val(node.args[0]) if node.args else None
+        x = self.first(node)
         live = any(self.live(self.val(n)) for n in self.inputs(node))
         shared = self.calls[node.target] > 1 and any(True for _ in mod.parameters(False))
         if shared and live:
@@ -264,14 +275,7 @@ class _Walker:
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             return self.batchnorm(node, mod, x)
         if isinstance(mod, _POOL_MODULES):
-            if (
-                getattr(mod, "return_indices", False)
-                or x.dim != 1
-                or len(_shape(node)) < 3
-                or any(s.width != 1 for s in x.segs)
-            ):
-                self.refuse(node, "pools across channels")
-            return x
+            return self.pool(node, x, getattr(mod, "return_indices", False))
         if type(mod) in (nn.LSTM, nn.GRU):
             return self.recurrent_reader(node, mod, x)
         if isinstance(mod, (nn.Flatten, nn.Unflatten)):
@@ -290,7 +294,7 @@ class _Walker:
             if self.live(x):
                 self.refuse(node, f"is a grouped convolution (groups={mod.groups})")
             return None
-        out_shape, in_shape = _shape(node), _shape(node.args[0])
+        out_shape, in_shape = _shape(node), _shape(_first_arg(node))
         if self.live(x):
             axis = 1 if conv else len(in_shape) - 1
             if x.dim != axis or (conv and any(s.width != 1 for s in x.segs)):
@@ -310,10 +314,18 @@ class _Walker:
         gid = self.groups.new(node.target, "channel" if conv else "neuron", size, members)
         return _Val(1 if conv else len(out_shape) - 1, (_Seg(gid, size),))
 
+    def pool(self, node, x: _Val, indices: bool) -> _Val:
+        """Pooling/resizing over the spatial axes: each channel on its own."""
+        if indices or type(_shape(node)) is not tuple:
+            self.refuse(node, "pools with indices (a tuple output)")
+        if x.dim != 1 or len(_shape(node)) < 3 or any(s.width != 1 for s in x.segs):
+            self.refuse(node, "pools across channels")
+        return x
+
     def recurrent_reader(self, node, mod, x: _Val) -> None:
         """nn.LSTM/GRU reading units as input features: weight_ih_l0 columns (both
         directions). Its own hidden units are not offered here (SequenceClassifier's rule)."""
-        if x.dim != len(_shape(node.args[0])) - 1:
+        if x.dim != len(_shape(_first_arg(node))) - 1:
             self.refuse(node, "reads units along another axis than its input features")
         names = ["weight_ih_l0"] + (["weight_ih_l0_reverse"] if mod.bidirectional else [])
         offset = 0
@@ -389,7 +401,7 @@ class _Walker:
 
     def reshape(self, node, x: _Val) -> _Val:
         """Flatten-like reshapes only: the channel axis merged with the axes after it."""
-        src, out = _shape(node.args[0]), _shape(node)
+        src, out = _shape(_first_arg(node)), _shape(node)
         lead = math.prod(src[: x.dim])
         # the axes before the channels may only regroup among themselves (same product),
         # the channel axis must open a merged run of axes; the rest regroup freely
@@ -405,7 +417,7 @@ class _Walker:
 
     def permute(self, node, x: _Val) -> _Val:
         """transpose(a, b) / permute(*dims): the channel axis moves, its entries do not."""
-        ndim = len(_shape(node.args[0]))
+        ndim = len(_shape(_first_arg(node)))
         rest = [a for a in node.args[1:]] + list(node.kwargs.values())
         if node.target in ("transpose", torch.transpose):
             a, b = (int(d) % ndim for d in rest[:2])
@@ -448,7 +460,7 @@ class _Walker:
     def reduce(self, node, x: _Val) -> _Val | None:
         dims = node.kwargs.get("dim", _arg(node, 1))
         keep = node.kwargs.get("keepdim", _arg(node, 2) or False)
-        ndim = len(_shape(node.args[0]))
+        ndim = len(_shape(_first_arg(node)))
         dims = [d % ndim for d in ((dims,) if isinstance(dims, int) else (dims or range(ndim)))]
         if x.dim in dims:
             self.exclude_all(node, f"summed across channels at {node.name!r}")
@@ -472,6 +484,11 @@ class _Walker:
             self.refuse(node, "indexes or slices the channel axis")
         dropped = sum(isinstance(i, int) for i in index[: x.dim])
         return _Val(x.dim - dropped, x.segs)
+
+
+def _first_arg(node):
+    args = list(node.args) + list(node.kwargs.values())
+    return args[0] if args else None
 
 
 def _arg(node, i: int):

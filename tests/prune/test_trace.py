@@ -330,3 +330,26 @@ def test_batchnorm1d_after_a_linear_joins_the_neuron_group():
     with torch.no_grad():
         model[4].weight[:, [1, 3]] = 0  # consumers no longer read units 1 and 3
         assert torch.allclose(small(x), model(x), atol=1e-12)
+
+
+class Functional(nn.Module):
+    """Functional pooling and a keyword call: the units are followed all the same."""
+
+    def __init__(self, indices: bool = False):
+        super().__init__()
+        self.conv, self.fc, self.indices = nn.Conv2d(1, 4, 3), nn.Linear(4, 2), indices
+
+    def forward(self, x):
+        h = torch.nn.functional.max_pool2d(torch.relu(self.conv(x)), 2)
+        if self.indices:
+            h = torch.nn.functional.max_pool2d(h, 1, return_indices=True)[0]
+        h = torch.nn.functional.adaptive_avg_pool2d(h, 1).flatten(1)
+        return self.fc(input=h)
+
+
+def test_functional_pooling_and_keyword_inputs():
+    model, x = Functional(), torch.randn(2, 1, 6, 6)
+    groups, _ = _by_name(model, x)
+    assert groups["conv"].members[-1] == Member("fc.weight", 1, "in")
+    with pytest.raises(SettingError, match="max_pool2d_with_indices"):  # a tuple: refused
+        trace_units(Functional(indices=True), x)
