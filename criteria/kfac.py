@@ -271,10 +271,15 @@ def _term_rows(rec, modules, by_module, weights, task, outputs, sets, dtype, bat
         }
 
 
-def _group_gram(rows: Tensor, scale: Tensor | float = 1.0) -> Tensor:
-    """sum over examples and positions of r r^T per group: rows (N, g, L, d) -> (g, d, d)."""
-    flat = (rows * scale).transpose(0, 1).reshape(rows.shape[1], -1, rows.shape[-1])
-    return flat.transpose(1, 2) @ flat
+def _add_group_gram(acc: Tensor, rows: Tensor, scale: Tensor | None = None) -> None:
+    """acc (g, d, d) += sum over examples and positions of r r^T per group, rows (N, g, L, d).
+
+    scale: per-example factors broadcast against rows, or None. Accumulates in place
+    (baddbmm): no product-sized temporary, no separate add.
+    """
+    scaled = rows if scale is None else rows * scale
+    flat = scaled.transpose(0, 1).reshape(rows.shape[1], -1, rows.shape[-1])
+    acc.baddbmm_(flat.transpose(1, 2), flat)
 
 
 def _check_reached(layers: dict[str, Layer], calls: Tensor) -> None:
@@ -327,14 +332,14 @@ def fit_factors(
     )
     for n, acts, positions, terms in stream:
         for t, a in acts.items():
-            a_acc[t] += _group_gram(a)
+            _add_group_gram(a_acc[t], a)
             calls[index[t]] += 1
         # 1/T_n of KFC, T_n = example n's real positions (float64, then the rows' dtype)
         scale = {t: p.rsqrt().to(dtype)[:, None, None, None] for t, p in positions.items()}
         kept = []
         for grads in terms:
             for t, g in grads.items():
-                g_acc[t] += _group_gram(g, scale[t])
+                _add_group_gram(g_acc[t], g, scale[t])
             if keep is not None:
                 kept.append(grads)
         if keep is not None:
