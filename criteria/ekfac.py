@@ -168,12 +168,12 @@ def _project(rows: Tensor, u: Tensor) -> Tensor:
     matrix-vector products).
 
     All-zero rows (padded positions of sequences, whose rows ``stream_rows`` zeroed) project
-    to zero, so with one group only the nonzero rows go through the GEMM when they are
-    at most 90% of all rows: exact, and on padded batches the d^2 cost per row is the
+    to zero, so with one group (and d >= 64) only the nonzero rows go through the GEMM when
+    they are at most 90% of all rows: exact, and on padded batches the d^2 cost per row is the
     largest part of S (a 61%-real encoder batch saves ~39% of it).
     """
     n, groups, positions, dim = rows.shape
-    if groups == 1 and positions > 1:
+    if groups == 1 and positions > 1 and dim >= 64:  # below, the GEMM is cheaper than the scan
         flat = rows.reshape(n * positions, dim)
         live = flat.ne(0).any(1)
         count = int(live.sum())
