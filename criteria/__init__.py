@@ -19,9 +19,11 @@ from prunekit.criteria.scores import (
     make_criterion,
     taylor_score,
 )
+from prunekit.criteria.sparsegpt import SparseGPT
 from prunekit.criteria.wanda import Wanda, input_sq_norms, wanda_score
 
 CRITERIA["wanda"] = Wanda  # registered here: wanda.py builds on scores.TaylorCriterion
+CRITERIA["sparsegpt"] = SparseGPT
 
 __all__ = [
     "CRITERIA",
@@ -34,6 +36,7 @@ __all__ = [
     "EKFACBasis",
     "KFAC",
     "ScoreResult",
+    "SparseGPT",
     "TaylorCriterion",
     "Wanda",
     "default_labels",

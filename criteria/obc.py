@@ -212,7 +212,7 @@ def _cg(op: Matvec, b: Tensor, tol: float, max_iter: int, inv_diag: Tensor | Non
         p = z + (rz_new / rz) * p
         rz, rr = rz_new, float((r * r).sum())
     if rr > tol**2 * bb:
-        log.warning(
+        log.debug(
             "joint_obs_kron: CG stopped after %d iterations at relative residual %.3g",
             max_iter,
             math.sqrt(rr / bb),

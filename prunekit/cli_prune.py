@@ -103,11 +103,30 @@ def prune(
         help="global: rank all targets together; layer: same sparsity in every target.",
         rich_help_panel=CURVATURE,
     ),
-    compensate: bool = typer.Option(
-        False,
-        help="OBS update of the surviving weights of each layer within every step "
-        "(obd/qm/obs on kfac or ekfac); report.json gives the loss before and after.",
+    update: str = typer.Option(
+        "none",
+        help="What the surviving weights of a layer get when weights are removed (obd/qm/obs "
+        "on kfac or ekfac): none; summed (single-weight OBS updates added up); joint (the "
+        "exact OBS update for all removed weights at once, correlations included, damping "
+        "chosen per layer on held-out training examples). report.json gives the loss "
+        "before and after.",
         rich_help_panel=CURVATURE,
+    ),
+    compensate: bool = typer.Option(
+        False, help="Same as --update summed (kept for older scripts).", rich_help_panel=CURVATURE
+    ),
+    shots: int = typer.Option(
+        1,
+        help="Curvature re-estimations per pruning step: the step's weights are removed in "
+        "this many equal slices, scored again before each (locality inside the step).",
+        rich_help_panel=CURVATURE,
+    ),
+    structure: str = typer.Option(
+        "unstructured",
+        help="unstructured: single weights; units: whole neurons, conv channels, recurrent "
+        "hidden units, attention heads and FFN units (then --sparsity is the fraction of units "
+        "removed and the exported model is physically smaller).",
+        rich_help_panel=SCHEDULE,
     ),
     score_examples: int = typer.Option(
         1000,
@@ -149,6 +168,18 @@ def prune(
     ),
     optimizer: str = typer.Option(
         "sgd", help="Fine-tuning optimizer: sgd or adamw.", rich_help_panel=FINETUNE
+    ),
+    lr_schedule: str = typer.Option(
+        "constant",
+        help="Rate within each fine-tuning phase: constant, or cosine (every phase restarts "
+        "at the rate and decays to 0).",
+        rich_help_panel=FINETUNE,
+    ),
+    distill_weight: float = typer.Option(
+        0.0,
+        help="Fine-tune on (1-w) x the task loss + w x distillation to the dense model's "
+        "outputs (KL at --temperature for classifiers), w in [0, 1]; 0 = the task loss alone.",
+        rich_help_panel=FINETUNE,
     ),
     batch_size: int = typer.Option(100, help="Fine-tuning batch size.", rich_help_panel=FINETUNE),
     recalibrate_bn: bool = typer.Option(

@@ -26,7 +26,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from prunekit.analysis import log_spaced_iterations
-from prunekit.criteria.obs import obs_update
 from prunekit.data import DataBundle
 from prunekit.distill import prepare_task
 from prunekit.finetune import (
@@ -42,13 +41,14 @@ from prunekit.finetune import (
 )
 from prunekit.finetune.bn import has_batchnorm, recalibrate_bn
 from prunekit.ntklog import NTK_DEFAULT_HINT, NtkLog, ntk_log_for
+from prunekit.obsupdate import held_out_batches, step_deltas
 from prunekit.preflight import validate
 from prunekit.prune.masks import apply_masks, full_masks, next_masks, sparsity_of
 from prunekit.ranks import RankSlice, label_key, rank_and_world, score_batches_of
 from prunekit.report import build_report, data_report, finetune_report, task_report
 from prunekit.resume import restore_state, resume_plan, save_state
 from prunekit.settings import Progress, PruneResult, PruneSettings, resolve_device
-from prunekit.types import Masks, Target, Task
+from prunekit.types import Masks, Target, Task, batch_to
 
 log = logging.getLogger("prunekit")
 
@@ -78,11 +78,8 @@ class _Run:
     pruned: dict | None = None
     lr: float | None = None
     lr_probe: dict | None = None
-
-    def obs_deltas(self, curvature) -> dict:
-        """OBS updates for the current masks, computed from the weights before zeroing."""
-        params = dict(self.model.named_parameters())
-        return obs_update(curvature, params, self.masks, absolute=self.settings.lam)
+    held_out: list | None = None
+    held_out_source: str | None = None
 
     def compensate(self, deltas: dict, before: dict | None) -> dict:
         """Add the OBS updates to the surviving weights; returns losses before (``before``:
@@ -259,6 +256,9 @@ def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, lis
         has_batchnorm(model) if settings.recalibrate_bn is None else settings.recalibrate_bn
     )
     run.ntk = ntk_log_for(model, task, data, settings, targets)
+    if settings.update_mode == "joint":
+        device = next(model.parameters()).device
+        run.held_out, run.held_out_source = held_out_batches(data, settings.score_examples, device)
     return run, crit, sparsities
 
 
@@ -286,15 +286,39 @@ def _remove(run: _Run, crit, score_batches, k: int, targets: list[float], last_e
             masks=masks_for_scaling, cache=run.cache,
         )  # fmt: skip
         run.estimators = scored.estimators or run.estimators
-        run.masks = next_masks(scored.scores, run.masks, target, settings.scope)
-        deltas = run.obs_deltas(scored.curvature) if settings.update_mode != "none" else None
+        proposed = next_masks(scored.scores, run.masks, target, settings.scope)
+        if getattr(crit, "reconstructs", False):
+            record.update(_reconstruct(run, crit, proposed))
+            continue
+        run.masks = proposed
+        deltas = None
+        if settings.update_mode != "none":
+            deltas, damping = step_deltas(run, scored.curvature, run.held_out)
+            if damping is not None:
+                record["update_damping"] = damping
         apply_masks(model, run.masks)
         if deltas is None:
             continue
         last = j == len(targets)
         before = _eval(model, run.task, run.data) if last and last_eval else None
-        record = run.compensate(deltas, before)
+        record.update(run.compensate(deltas, before))
     return record
+
+
+def _reconstruct(run: _Run, crit, proposed) -> dict:
+    """Layer-wise reconstruction to the counts of ``proposed`` (every rank uses the same
+    first ``score_examples`` training examples, so every rank gets the same weights)."""
+    settings = run.settings
+    device = next(run.model.parameters()).device
+    calib = [batch_to(b, device) for b in run.data.first_train(
+        settings.score_examples, settings.score_batch_size)]  # fmt: skip
+    result = crit.reconstruct(run.model, run.task, run.targets, calib, run.masks, proposed)
+    run.masks = {n: result.masks[n] for n in run.masks}
+    apply_masks(run.model, run.masks)
+    out = {"reconstruction_error": result.reconstruction}
+    if result.fallback:
+        out["reconstruction_fallback"] = list(result.fallback)
+    return out
 
 
 def _shot_targets(start: float, target: float, shots: int) -> list[float]:
@@ -311,10 +335,12 @@ def _prune_step(run: _Run, crit, score_batches, k: int, target: float, n_steps: 
     compensation = _remove(run, crit, score_batches, k, shots, last_eval=True)
     if run.progress:
         run.progress("score", k, n_steps)
-    run.pruned = _eval(model, task, run.data) if not compensation else run.pruned
-    compensation.update(run.recalibrate(compensation.get("loss_after_compensation")))
+    compensated = "loss_after_compensation" in compensation
+    run.pruned = run.pruned if compensated else _eval(model, task, run.data)
+    recalibrated = run.recalibrate(compensation.get("loss_after_compensation"))
+    compensation.update(recalibrated)
     _ntk_now(run, k, "prune", target)
-    before = None if compensation else run.pruned  # compensated/recalibrated: evaluate again
+    before = None if compensated or recalibrated else run.pruned  # changed: evaluate again
     phase = run.finetune(settings.finetune_epochs, f"fine-tune step {k}", k, target, before)
     seconds = time.perf_counter() - t0
     run.record(k, run.pruned, seconds, _ntk_now(run, k, "finetune", target), phase)
@@ -390,6 +416,9 @@ def _finish(run: _Run, crit, teacher, final_ntk, start: float, final: dict | Non
     if run.ntk is None:
         report["ntk"]["note"] = NTK_DEFAULT_HINT
     report["bn_recalibration"] = run.use_recalibration
+    report["update"] = {"mode": settings.update_mode, "shots": settings.shots}
+    if run.held_out_source:  # the joint update's per-layer damping: rows' update_damping
+        report["update"]["damping_chosen_on"] = run.held_out_source
     report["task"] = task_report(task, settings)
     report["data"] = data_report(run.data)
     ntk_records = run.ntk.records if run.ntk is not None else []

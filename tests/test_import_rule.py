@@ -1,12 +1,12 @@
 """The import rule of design.md section 2 (and ARCHITECTURE.md), checked with ``ast``.
 
 Rooms (prune, criteria, finetune, analysis, models, export) import from prunekit only
-prunekit.types, prunekit.errors, prunekit.prune.masks, prunekit.prune.groups and their own room: never another
-room, never a module of prunekit/. In prunekit/, the base modules (the shared vocabulary,
-checkpoints, data specs, the recipe schema, tasks, trust, limits, the console) use at most
-one room; every other module is the wiring layer, which joins rooms: one concern per module
-(settings, loop, resume, report, api, recipe_run, ...), their top-level imports free of
-cycles, never importing the CLI above them.
+prunekit.types, prunekit.errors, prunekit.prune.masks, prunekit.prune.groups and their
+own room: never another room, never a module of prunekit/. In prunekit/, the base modules
+(the shared vocabulary, checkpoints, data specs, the recipe schema, tasks, trust, limits,
+the console) use at most one room; every other module is the wiring layer, which joins
+rooms: one concern per module (settings, loop, resume, report, api, recipe_run, ...),
+their top-level imports free of cycles, never importing the CLI above them.
 """
 
 from __future__ import annotations

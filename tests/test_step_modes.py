@@ -147,3 +147,49 @@ def test_cli_refuses_bad_step_modes_in_one_line(tmp_path, digits_model_file, cli
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], stderr
     assert "Traceback" not in stderr + stdout and not out.exists()
+
+
+def test_joint_update_chooses_damping_per_layer_on_held_out_examples(data, dense):
+    result = _run(dense, data, update="joint", score_examples=60)
+    assert result.report["update"]["mode"] == "joint"
+    assert result.report["update"]["damping_chosen_on"] == "train[60:96]"  # 96 train examples
+    row = result.metrics[1]
+    assert set(row["update_damping"]) == {"1.weight", "3.weight"}
+    assert all(v == "none" or v in (1e-2, 1e-1, 1.0) for v in row["update_damping"].values())
+    params = dict(result.model.named_parameters())
+    assert all(not params[n][~m].any() for n, m in result.masks.items())
+
+
+def test_joint_update_never_loses_to_no_update_on_held_out(data, dense):
+    from prunekit.finetune import evaluate
+    from prunekit.obsupdate import choose_damping, held_out_batches
+    from prunekit.prune.masks import apply_masks, next_masks
+    from prunekit.prune.targets import find_targets
+
+    model = copy.deepcopy(dense)
+    task, targets = ClassificationTask(), find_targets(model)
+    crit = PruneSettings(criterion="obd")
+    from prunekit.settings import make_run_criterion
+
+    batches = data.first_train(60)
+    scored = make_run_criterion(crit).evaluate(model, task, targets, batches)
+    masks = next_masks(scored.scores, {n: torch.ones(t.shape, dtype=bool) for n, t in
+                                       targets.items()}, 0.7)  # fmt: skip
+    held, _ = held_out_batches(data, 60, "cpu")
+    deltas, choice = choose_damping(model, task, scored.curvature, masks, held)
+    plain = copy.deepcopy(model)
+    apply_masks(plain, masks)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, d in deltas.items():
+            params[n].add_(d)
+    assert evaluate(model, task, held)["loss"] <= evaluate(plain, task, held)["loss"] + 1e-6
+
+
+def test_sparsegpt_criterion_reconstructs_layer_by_layer(data, dense):
+    result = _run(dense, data, criterion="sparsegpt", finetune_epochs=0.0, final_epochs=0.0)
+    row = result.metrics[1]
+    assert set(row["reconstruction_error"]) == {"1.weight", "3.weight"}
+    assert result.report["sparsity"]["global"] == pytest.approx(0.6, abs=0.01)
+    magnitude = _run(dense, data, criterion="magnitude", finetune_epochs=0.0, final_epochs=0.0)
+    assert result.metrics[-1]["loss_after_prune"] < magnitude.metrics[-1]["loss_after_prune"]

@@ -1,0 +1,114 @@
+"""The OBS update of a pruning step's surviving weights, and its damping per layer.
+
+'summed' adds up single-weight OBS updates (``criteria.obs_update``, damping 1e-3 as
+before); 'joint' solves the joint system per layer (``criteria.joint_update``). A bad
+damping makes an OBS update worse than none (oBERT's warning), so for 'joint' the damping
+of each layer is chosen on HELD-OUT training examples (those after the scoring examples;
+the validation set when the training set has none left): layer by layer in target order,
+each candidate of ``DAMPINGS`` (and no update at all) is applied to that layer alone, on top
+of the choices already made for earlier layers, and the one with the lowest loss is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.criteria import joint_update, obs_update
+from prunekit.data import DataBundle
+from prunekit.finetune import evaluate
+from prunekit.prune.masks import apply_masks
+from prunekit.types import Masks, Task, batch_to, num_rows, take_rows
+
+DAMPINGS = (1e-2, 1e-1, 1.0)  # below 1e-2 CG converges slowly and rarely wins
+HELD_OUT = 256  # examples: enough to rank 5 candidates, cheap next to a curvature fit
+NONE = "none"
+
+
+def held_out_batches(data: DataBundle, score_examples: int, device, batch: int = 256):
+    """(batches, source): up to HELD_OUT training examples after the first
+    ``score_examples`` (never used by the curvature), else the validation set's first."""
+    x, y = data.x_train, data.y_train
+    n = data.n_train
+    if n > score_examples:
+        part, source = slice(score_examples, min(n, score_examples + HELD_OUT)), "train"
+    else:
+        x, y, part, source = data.x_val, data.y_val, slice(0, HELD_OUT), "validation"
+    rows = take_rows(x if y is None else (x, y), part)
+    size = num_rows(rows if y is None else rows[0])
+    chunks = [batch_to(take_rows(rows, slice(i, i + batch)), device) for i in range(0, size, batch)]
+    first, last = part.start, part.start + size
+    return chunks, f"{source}[{first}:{last}]"
+
+
+def _loss(model: nn.Module, task: Task, batches: list) -> float:
+    return float(evaluate(model, task, batches)["loss"])
+
+
+def _layer_params(deltas: dict[str, Tensor], layer: str, biases: dict[str, str]) -> list[str]:
+    names = [layer] + ([biases[layer]] if layer in biases else [])
+    return [n for n in names if n in deltas]
+
+
+def choose_damping(
+    model: nn.Module, task: Task, curvature, masks: Masks, batches: list
+) -> tuple[dict[str, Tensor], dict[str, float | str]]:
+    """(deltas, choice) of the joint update with each layer's damping chosen on ``batches``.
+
+    Call with the weights BEFORE the step's removal (the update needs the removed values);
+    returns deltas in ``joint_update``'s form (removed weights end at zero; a layer whose
+    best choice is no update gets only its removals) and layer -> damping or 'none'. The
+    model is left as it was.
+    """
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    layers = [n for n in masks if n in getattr(curvature, "layers", {})]
+    biases = {n: curvature.layers[n].bias for n in layers if curvature.layers[n].bias}
+    candidates = {d: joint_update(curvature, params, masks, damping=d) for d in DAMPINGS}
+    chosen = {n: torch.where(~masks[n], -before[n], torch.zeros_like(before[n])) for n in masks}
+    choice: dict[str, float | str] = {}
+    try:
+        with torch.no_grad():
+            _apply(params, before, chosen)
+            apply_masks(model, masks)
+            for layer in layers:
+                options = {NONE: None, **{d: candidates[d] for d in DAMPINGS}}
+                losses = {}
+                for key, deltas in options.items():
+                    _set_layer(params, before, chosen, deltas, layer, biases, masks)
+                    losses[key] = _loss(model, task, batches)
+                best = min(losses, key=lambda k: (losses[k], k == NONE))
+                if best != NONE:
+                    for n in _layer_params(candidates[best], layer, biases):
+                        chosen[n] = candidates[best][n]
+                _set_layer(params, before, chosen, None, layer, biases, masks)
+                choice[layer] = best
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(before[n])
+    return chosen, choice
+
+
+def _apply(params, before, deltas) -> None:
+    for n, d in deltas.items():
+        params[n].copy_(before[n] + d.to(before[n].dtype))
+
+
+def _set_layer(params, before, chosen, deltas, layer, biases, masks) -> None:
+    """Give ``layer`` (and its bias) the update ``deltas`` (None = the chosen one so far)."""
+    source = chosen if deltas is None else deltas
+    for n in [layer] + ([biases[layer]] if layer in biases else []):
+        d = source.get(n, chosen.get(n))
+        params[n].copy_(before[n] + d.to(before[n].dtype) if d is not None else before[n])
+    params[layer].mul_(masks[layer])
+
+
+def step_deltas(run, curvature, batches) -> tuple[dict[str, Tensor], dict | None]:
+    """(deltas, damping choice or None) of the run's update mode for the current masks,
+    from the weights before zeroing: 'summed' (damping 1e-3) or 'joint' (chosen per layer
+    on ``batches``, see the module docstring)."""
+    params = dict(run.model.named_parameters())
+    if run.settings.update_mode == "summed":
+        return obs_update(curvature, params, run.masks, absolute=run.settings.lam), None
+    return choose_damping(run.model, run.task, curvature, run.masks, batches)
