@@ -392,6 +392,7 @@ def _export(result, path: Path, bundle, plan: dict, overwrite: bool):
             published_path=plan["export"], forward=plan["forward"],
             dynamic_axes=plan["dynamic_axes"], quantize=plan.get("quantize"),
             max_accuracy_drop=plan.get("max_accuracy_drop"), seed=plan.get("seed", 0),
+            structure="units" if "units" in result.report else "unstructured",
         )  # fmt: skip
     except QuantizationRefused as exc:
         if path == plan["export"]:

@@ -178,5 +178,6 @@ def export_cmd(
                 loaded.model, out, bundle, storage=storage, quantize=quantize, opset=opset,
                 overwrite=overwrite, forward=export_forward(bundle, user), dynamic_axes=axes,
                 max_accuracy_drop=max_accuracy_drop,
+                structure=loaded.metadata.get("prunekit.structure", "unstructured"),
             )  # fmt: skip
     show_receipt(receipt)

@@ -49,6 +49,7 @@ from prunekit.report import build_report, data_report, finetune_report, task_rep
 from prunekit.resume import restore_state, resume_plan, save_state
 from prunekit.settings import Progress, PruneResult, PruneSettings, resolve_device
 from prunekit.types import Masks, Target, Task, batch_to
+from prunekit.units import plan_units, shrink_result, unit_step, units_report
 
 log = logging.getLogger("prunekit")
 
@@ -80,6 +81,7 @@ class _Run:
     lr_probe: dict | None = None
     held_out: list | None = None
     held_out_source: str | None = None
+    units: object | None = None  # the UnitPlan of --structure units (prunekit/units.py)
 
     def compensate(self, deltas: dict, before: dict | None) -> dict:
         """Add the OBS updates to the surviving weights; returns losses before (``before``:
@@ -256,6 +258,8 @@ def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, lis
         has_batchnorm(model) if settings.recalibrate_bn is None else settings.recalibrate_bn
     )
     run.ntk = ntk_log_for(model, task, data, settings, targets)
+    if settings.structure == "units":
+        run.units = plan_units(model, task, data, targets, settings)
     if settings.update_mode == "joint":
         device = next(model.parameters()).device
         run.held_out, run.held_out_source = held_out_batches(data, settings.score_examples, device)
@@ -332,7 +336,12 @@ def _prune_step(run: _Run, crit, score_batches, k: int, target: float, n_steps: 
     model, task, settings = run.model, run.task, run.settings
     start = sparsity_of(run.masks)[0] if settings.shots > 1 else target
     shots = _shot_targets(start, target, settings.shots)
-    compensation = _remove(run, crit, score_batches, k, shots, last_eval=True)
+    units = {}
+    if run.units is not None:  # whole units: scored by group, masks over every member
+        units = unit_step(run, crit, score_batches, label_key(settings.seed, k), target)
+        compensation = {}
+    else:
+        compensation = _remove(run, crit, score_batches, k, shots, last_eval=True)
     if run.progress:
         run.progress("score", k, n_steps)
     compensated = "loss_after_compensation" in compensation
@@ -345,6 +354,7 @@ def _prune_step(run: _Run, crit, score_batches, k: int, target: float, n_steps: 
     seconds = time.perf_counter() - t0
     run.record(k, run.pruned, seconds, _ntk_now(run, k, "finetune", target), phase)
     run.rows[-1].update(compensation)
+    run.rows[-1].update(units)  # units: 'sparsity' is the fraction of units removed
     log.info("step %d/%d sparsity %.4f", k, n_steps, target)
     if run.progress:
         run.progress("steps", k, n_steps)
@@ -417,10 +427,16 @@ def _finish(run: _Run, crit, teacher, final_ntk, start: float, final: dict | Non
         report["ntk"]["note"] = NTK_DEFAULT_HINT
     report["bn_recalibration"] = run.use_recalibration
     report["update"] = {"mode": settings.update_mode, "shots": settings.shots}
+    shrunk = None
+    if run.units is not None:
+        shrunk = shrink_result(model, run.units, run.masks)
+        report["units"] = units_report(run.units, run.masks, shrunk)
     if run.held_out_source:  # the joint update's per-layer damping: rows' update_damping
         report["update"]["damping_chosen_on"] = run.held_out_source
     report["task"] = task_report(task, settings)
     report["data"] = data_report(run.data)
     ntk_records = run.ntk.records if run.ntk is not None else []
     probe = run.ntk.probe if run.ntk is not None else None
-    return PruneResult(model, run.masks, report, run.rows, ntk_records, probe, teacher)
+    result = PruneResult(model, run.masks, report, run.rows, ntk_records, probe, teacher)
+    result.shrunk = shrunk
+    return result

@@ -62,8 +62,15 @@ def _check_step_modes(settings: PruneSettings, crit) -> None:
         raise choice_error("update", settings.update, UPDATES)
     if settings.structure not in STRUCTURES:
         raise choice_error("structure", settings.structure, STRUCTURES)
-    if settings.structure == "units":  # wired with prunekit/units.py (issue 17, in progress)
-        raise SettingError("--structure units is not wired into the pruning loop yet")
+    if settings.structure == "units":
+        idle = {"--shots": settings.shots > 1, "--update": settings.update_mode != "none"}
+        idle[f"--criterion {settings.criterion}"] = getattr(crit, "reconstructs", False)
+        for flag, used in idle.items():
+            if used:
+                raise SettingError(
+                    f"{flag} applies to single weights; --structure units scores whole units "
+                    "(obs compensates the next layer itself): drop one of them"
+                )
     if settings.compensate and settings.update not in ("none", "summed"):
         raise SettingError(
             f"--compensate is --update summed; it contradicts --update {settings.update}"

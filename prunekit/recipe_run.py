@@ -163,6 +163,7 @@ def run_recipe(
             overwrite=True,
             published_path=Path(final) / "model.onnx" if final is not None else None,
             forward=forward,
+            structure=settings.structure,
         )  # its receipt: model.onnx.json beside it
     checks = evaluate_checks(recipe["checks"], result.report, receipt)
     result.report["checks"] = checks

@@ -153,6 +153,8 @@ def write_run(out, result: PruneResult, arch: str | None, data_name: str) -> lis
         "prunekit.data": data_name,
         "prunekit.step": str(len(result.report["steps"])),
     }
+    if "units" in result.report:  # full shapes, units zeroed: export shrinks it
+        meta["prunekit.structure"] = "units"
     if arch:
         meta[ARCH_KEY] = arch
     state = result.model.state_dict()

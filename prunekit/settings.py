@@ -142,6 +142,8 @@ class PruneResult:
     """The pruned model (in place), its masks (True = keep) and the report dict.
 
     teacher: the dense model's outputs {'train', 'val'} when distilling (else None).
+    shrunk: with structure 'units', a new, physically smaller model without the removed
+    units (``model`` keeps the full shapes, the units zeroed).
     """
 
     model: nn.Module
@@ -151,6 +153,7 @@ class PruneResult:
     ntk: list[dict] = field(default_factory=list)
     probe: dict | None = None
     teacher: dict | None = None
+    shrunk: nn.Module | None = None
 
 
 def resolve_device(device: str) -> torch.device:
