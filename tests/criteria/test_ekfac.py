@@ -200,7 +200,7 @@ def test_cache_keeps_the_basis_unless_due():
 def test_ekfac_is_the_default_for_obd_and_qm():
     for name in ("obd", "qm", "obs"):
         crit = make_criterion(name)
-        assert crit.fisher == "ekfac" and crit.labels == "sampled"
+        assert crit.fisher == "ekfac" and crit.labels == "exact"
     assert make_criterion("obd", fisher="diag").labels == "exact"
     with pytest.raises(SettingError, match="Fisher estimator"):
         make_criterion("obd", fisher="dense")

@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from prunekit.criteria import Diag, fit_curvature, fit_diag, mean_gradient, squared_gradient_sums
+from prunekit.criteria import (
+    ESTIMATORS,
+    Diag,
+    fit_curvature,
+    fit_diag,
+    mean_gradient,
+    squared_gradient_sums,
+)
 from prunekit.errors import SettingError
 from prunekit.prune.targets import find_targets
 from prunekit.types import ClassificationTask, RegressionTask
@@ -423,3 +430,33 @@ def test_slow_path_examples_leave_no_recordings_behind(monkeypatch):
     fit_diag(model, CLS, targets, [(x, y)], labels="empirical")
     assert recorders and all(r.active for r in recorders)
     assert sizes == [0]  # cleared before the slow path, nothing recorded during it
+
+
+def test_default_labels_exact_up_to_32_classes_else_sampled():
+    from prunekit.criteria.curvature import EXACT_MAX_CLASSES, default_labels
+
+    assert EXACT_MAX_CLASSES == 32
+    for est in ESTIMATORS:
+        assert default_labels(est) == "exact"  # a classifier of unknown size
+        assert default_labels(est, CLS) == "exact"
+        assert default_labels(est, CLS, classes=32) == "exact"
+        assert default_labels(est, CLS, classes=33) == "sampled"
+        assert default_labels(est, REG) == "sampled"  # no 'exact' without categories
+        assert default_labels(est, REG, classes=4) == "sampled"
+
+
+@pytest.mark.parametrize(("classes", "want"), [(3, "exact"), (40, "sampled")])
+def test_fit_curvature_reads_the_class_count_off_the_outputs(classes, want):
+    from prunekit.criteria.curvature import output_classes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, classes)).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    batches = [(x, torch.randint(0, classes, (6,)))]
+    assert output_classes(model, CLS, batches) == classes
+    assert output_classes(model, REG, batches) is None
+    assert output_classes(model, CLS, []) is None
+    for est in ("diag", "ekfac"):
+        curv = fit_curvature(est, model, CLS, find_targets(model), iter(batches))
+        assert curv.labels == want  # a one-shot iterable is still fitted on every batch
+        assert curv.examples == 6

@@ -286,4 +286,4 @@ def test_unknown_fisher_or_labels_rejected(name):
 
 def test_default_labels_are_concrete():
     assert make_criterion("obd", fisher="diag").labels == "exact"
-    assert make_criterion("obd", fisher="ekfac").labels == "sampled"
+    assert make_criterion("obd", fisher="ekfac").labels == "exact"  # issue 16: bench_labels
