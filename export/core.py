@@ -36,7 +36,7 @@ from .graph import apply_storage, decoded_value
 from .lengths import other_length_parity, plan_axes, settle
 from .match import count_pruned, float_params, match_initializers
 from .modes import DEFAULT_MAX_ACCURACY_DROP, INT8_COMPUTE, check_accuracy_drop
-from .receipt import MEMORY_NOTE, exporter_log_path, size_warning
+from .receipt import INT8_NOTE, MEMORY_NOTE, exporter_log_path, size_warning
 from .storage import check_modes, check_opset
 from .verify import check, check_weights, latencies, parity, session
 
@@ -353,7 +353,7 @@ def _receipt(path: Path, built: _Built, modes: tuple, record: dict, log_path: Pa
                          "inferred": built.axes.specs(built.axes.inferred)},
         "bytes": {**sizes, "ratio": size / dense_fp32}, "warnings": [warning] if warning else [],
         "tensors": built.rows, "unmatched_weights": built.missing, "cleanup": record,
-        "memory_note": MEMORY_NOTE,
+        "memory_note": INT8_NOTE if quantize in INT8_COMPUTE else MEMORY_NOTE,
     }  # fmt: skip
 
 

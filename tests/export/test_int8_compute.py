@@ -73,6 +73,7 @@ def test_mlp_int8_is_dynamic_integer_matmul_and_reports_the_recomputed_change(tm
     assert set(q["latency_ratio"]) == {"batch1", "batch64"}
     assert set(r["latency"]) == {"onnxruntime_packed", "onnxruntime_dense", "pytorch"}
     assert q["bytes"]["int8_file"] == path.stat().st_size
+    assert "computes this model's MatMul/Gemm" in r["memory_note"]
 
 
 def test_packed_int8_weights_are_smaller_and_fold_to_the_same_outputs(tmp_path):
