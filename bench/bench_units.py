@@ -315,6 +315,39 @@ def main() -> None:
                        body)  # fmt: skip
 
 
+def _ratio(cell: str) -> float:
+    """The 'x dense' ratio of a latency cell 't / d = r x'."""
+    return float(cell.rsplit("=", 1)[1].strip().rstrip("x"))
+
+
+def goals(acc_rows, lat_rows) -> str:
+    """Issue 17's goals, met or missed, with the numbers of this run."""
+    lines = []
+    for model, limit in (("MLP", 0.55), ("CNN", 0.55), ("encoder", 0.65)):
+        rows = [r for r in lat_rows if r[0].startswith(model) and r[1].endswith(" 50%")]
+        for r in rows:
+            b64 = {1: _ratio(r[5]), 2: _ratio(r[7])}
+            met = "met" if max(b64.values()) <= limit else "missed"
+            lines.append(
+                f"- 50% units, batch 64, {r[0]} shrunk by {r[1][:-4]}: ORT latency "
+                f"{b64[1]:.3f}x (1 thread), {b64[2]:.3f}x (2 threads) of dense; goal <= "
+                f"{limit}x: **{met}**"
+            )
+    for model in ("MLP", "CNN"):
+        at = {r[2]: float(r[7]) for r in acc_rows if r[0].startswith(model) and r[1] == "50%"}
+        base = at.get("group-L2 (prunekit)")
+        for name in ("Fisher group obd-EKFAC", "Fisher group OBS-KFAC + update"):
+            if base is None or name not in at:
+                continue
+            gain = 100 * (at[name] - base)
+            met = "met" if gain >= 1.0 else "missed"
+            lines.append(
+                f"- 50% units, {model}: {name} {at[name]:.4f} vs group-L2 {base:.4f} after the "
+                f"same fine-tuning ({gain:+.1f} points); goal >= +1 point: **{met}**"
+            )
+    return "\n".join(lines)
+
+
 def summary(acc_rows, lat_rows) -> str:
     acc = markdown_table(
         ["model", "units removed", "criterion", "scope", "units", "dense acc",
@@ -325,7 +358,10 @@ def summary(acc_rows, lat_rows) -> str:
         ["model", "shrunk by", "units removed", "params x dense",
          "ORT 1 thr b1 ms (x dense)", "ORT 1 thr b64", "ORT 2 thr b1", "ORT 2 thr b64"], lat_rows,
     )  # fmt: skip
-    return f"### Accuracy after the same fine-tuning budget\n\n{acc}\n\n### Latency\n\n{lat}\n"
+    return (
+        f"### Goals\n\n{goals(acc_rows, lat_rows)}\n\n### Accuracy after the same fine-tuning "
+        f"budget\n\n{acc}\n\n### Latency (p50 ms shrunk / dense = ratio)\n\n{lat}\n"
+    )
 
 
 if __name__ == "__main__":
