@@ -1,9 +1,10 @@
 """Benchmark: prunekit's EKFAC diagonal vs nngeometry 0.4 and BackPACK 1.7.1, per method.
 
 Run: ``.venv/bin/python bench/bench_ekfac.py --setup``. The peers run in a separate venv
-(/tmp/benchvenv: torch==2.13.0 numpy, then ``--no-deps nngeometry==0.4 einops`` and
-``--no-deps backpack-for-pytorch==1.7.1 unfoldNd packaging``), created by ``--setup``; this script
-re-invokes itself there, so no peer touches the project's environment. Same models (the
+(/tmp/benchvenv, created by ``--setup``: ``--no-deps nngeometry==0.4 einops`` and ``--no-deps
+backpack-for-pytorch==1.7.1 unfoldNd packaging``, on top of the project environment's own
+torch==2.13.0 and numpy, which a .pth file makes visible: no second torch download); this
+script re-invokes itself there, so no peer touches the project's environment. Same models (the
 MNIST MLP 784-300-100-10 and a CNN on 1x8x8 digits-shaped inputs), same 1000 examples,
 same batches of 100, one sampled label per example (nngeometry: FIM_MonteCarlo, trials=1).
 
@@ -215,11 +216,19 @@ def run_method(method: str, src: Path) -> dict | None:
 
 
 def setup_venv() -> None:
-    """Create /tmp/benchvenv with torch 2.13.0, nngeometry 0.4 and BackPACK 1.7.1 (no deps)."""
+    """Create /tmp/benchvenv: nngeometry 0.4 and BackPACK 1.7.1 (no deps) over this
+    environment's packages (torch 2.13.0, numpy), linked by a .pth file."""
     if not (VENV / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    import site
+
+    ours = [p for p in site.getsitepackages() if Path(p, "torch").is_dir()]
+    theirs = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", "import site; print(site.getsitepackages()[0])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    Path(theirs, "_project_packages.pth").write_text("\n".join(ours) + "\n")
     pip = [str(VENV / "bin" / "pip"), "install", "-q"]
-    subprocess.run([*pip, "torch==2.13.0", "numpy"], check=True)
     subprocess.run([*pip, "--no-deps", "nngeometry==0.4", "einops"], check=True)
     peer = ["backpack-for-pytorch==1.7.1", "unfoldNd", "packaging"]  # unfoldNd needs packaging
     subprocess.run([*pip, "--no-deps", *peer], check=True)
