@@ -136,6 +136,7 @@ def receipt_table(receipt: dict) -> list[tuple[str, str]]:
     if receipt.get("quantization"):  # the exact parity is the fp32 graph's; int8 rows follow
         at = next(k for k, (label, _) in enumerate(rows) if label == "max abs diff")
         rows[at] = ("fp32 graph max abs diff", rows[at][1])
+        rows = [("fp32 graph " + a if a == "accuracy change" else a, b) for a, b in rows]
         rows += _int8_rows(receipt["quantization"])
     for t in receipt["tensors"]:
         shape = "x".join(str(s) for s in t["shape"])
