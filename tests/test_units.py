@@ -232,3 +232,28 @@ def test_plan_traces_the_groups_of_a_plain_mlp():
         "2.bias",
         "4.weight",
     }
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_hidden_units_score_on_the_diagonal_fisher_and_step(cell):
+    # nn.LSTM/GRU members are not Kronecker-factored: their group quadratic comes from the
+    # diagonal Fisher (the estimator's fallback), the head's columns from KFAC.
+    pytest.importorskip("prunekit.prune.trace")
+    from prunekit.models import lstm
+
+    torch.manual_seed(0)
+    model = lstm(input_size=4, hidden=6, classes=3, cell=cell, rows=5)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 5, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    bundle = bundle_from_batches([(x, y)], seed=0)
+    settings = Settings(criterion="obd")
+    plan = plan_units(model, TASK, bundle, find_targets(model), settings)
+    assert [gr.kind for gr in plan.groups] == ["hidden"] and plan.total == 6
+    run = Run(model, TASK, settings, plan, plan.full_masks())
+    unit_step(run, crit_of("obd", fisher="kfac"), [(x, y)], label_key(0, 1), 0.5)
+    assert set(run.estimators.values()) == {"kfac", "diag"}
+    keep = plan.keep_of(run.masks)[plan.groups[0].name]
+    assert int(keep.sum()) == 3
+    small = shrink_result(model, plan, run.masks)
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
