@@ -25,8 +25,9 @@ from torch import nn
 from prunekit.export import export_onnx
 from prunekit.export.verify import batch_of, run_onnx, run_torch, session
 
+# int8-weights: the storage-only int8 mode (int8 compute: bench_int8.py, section int8)
 MODES = [("dense", None, False), ("sparse", None, False), ("packed", None, False),
-         ("packed", "int8", False), ("packed", None, True)]  # fmt: skip
+         ("packed", "int8-weights", False), ("packed", None, True)]  # fmt: skip
 
 
 def mlp() -> nn.Module:
@@ -98,7 +99,7 @@ def bench_case(label, model, example, sparsity, runs, workdir) -> list[dict]:
     rows, runners = [], {}
     xs = {size: batch_of(example, size) for size in (1, 64)}
     for storage, quantize, cleanup in MODES:
-        name = storage + ("+int8" if quantize else "") + ("+cleanup" if cleanup else "")
+        name = storage + (f"+{quantize}" if quantize else "") + ("+cleanup" if cleanup else "")
         path = Path(workdir) / f"{label}-{sparsity}-{name}.onnx"
         receipt = export_onnx(
             ref, path, example, storage=storage, quantize=quantize, masks=masks,

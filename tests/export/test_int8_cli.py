@@ -111,3 +111,28 @@ def test_prune_quantize_needs_export(digits_model_file, tmp_path, cli, args, nee
     code, _, stderr = cli("prune", digits_model_file, *PRUNE_ARGS, "--out", tmp_path / "r", *args)
     assert needle in _one_line_error(code, stderr)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [("  quantize: int9", "int8-weights"),
+     ("  quantize: int8\n  max_accuracy_drop: -1", "export.max_accuracy_drop"),
+     ("  quantize: int8\n  max_accuracy_drop: .nan", "export.max_accuracy_drop")],
+)  # fmt: skip
+def test_recipe_export_quantize_keys_are_validated(tmp_path, cli, line, needle):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\nmodel:\n  example: mlp-digits\nexport:\n  enabled: true\n{line}\n"
+    )
+    code, _, stderr = cli("validate", recipe)
+    assert needle in _one_line_error(code, stderr)
+
+
+def test_recipe_with_int8_export_and_its_gates_validates(tmp_path, cli):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\nmodel:\n  example: mlp-digits\nexport:\n  enabled: true\n  quantize: int8\n"
+        "  max_accuracy_drop: 0.5\nchecks:\n  max_latency_ratio: 0.6\n"
+    )
+    code, stdout, stderr = cli("validate", recipe)
+    assert code == 0, stderr
