@@ -187,9 +187,21 @@ def export(model, path: Path, example, forward=None) -> None:
 CRITERIA = [
     ("group-L2 (prunekit)", "magnitude", {}, "global", None),
     ("group-Taylor (prunekit)", "lm", {}, "global", None),
-    ("Fisher group obd-EKFAC", "obd", {"fisher": "ekfac"}, "global", None),
-    ("Fisher group obd-EKFAC, layer", "obd", {"fisher": "ekfac"}, "layer", None),
-    ("Fisher group OBS-KFAC + update", "obs", {"fisher": "kfac"}, "global", None),
+    ("Fisher group obd-EKFAC", "obd", {"fisher": "ekfac", "labels": "sampled"}, "global", None),
+    (
+        "Fisher group obd-EKFAC, layer",
+        "obd",
+        {"fisher": "ekfac", "labels": "sampled"},
+        "layer",
+        None,
+    ),
+    (
+        "Fisher group OBS-KFAC + update",
+        "obs",
+        {"fisher": "kfac", "labels": "sampled"},
+        "global",
+        None,
+    ),
     ("TP group-L2 (peer)", "magnitude", {}, "layer", "l2"),
     ("TP group-Taylor (peer)", "magnitude", {}, "layer", "taylor"),
 ]
