@@ -360,7 +360,7 @@ def _receipt(path: Path, built: _Built, modes: tuple, record: dict, log_path: Pa
 def _quantization(receipt: dict, built: _Built, quant: dict) -> dict:
     """The receipt's int8 section: method, int8 ops, calibration, the fp32 vs int8 metric
     (verification['int8']), file sizes and latency ratios (int8 file / fp32 dense graph)."""
-    keep = ("mode", "method", "integer_ops", "calibration")
+    keep = ("mode", "method", "integer_ops", "left_fp32", "calibration")
     out = {k: quant[k] for k in keep}
     out.update(receipt["verification"]["int8"])
     out["bytes"] = {"fp32_onnx": built.dense.ByteSize(), "int8_file": receipt["bytes"]["file"]}

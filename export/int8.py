@@ -34,6 +34,7 @@ from .quantize import (
     calibration_batches,
     int8_weights,
     integer_ops,
+    left_fp32,
     method_for,
     quantize_proto,
 )
@@ -152,6 +153,7 @@ def quantize_built(built, quantize: str, storage: str, check_inputs: tuple, cali
     rows, expected = pack_int8(proto, storage, built.expected, built.rows)
     record = {
         "mode": quantize, "method": method, "integer_ops": integer_ops(proto),
+        "left_fp32": left_fp32(proto),
         "calibration": {"examples": examples, "seed": calibration[1], "source": calibration[2]}
         if method == "static" else None,
         "fp32_outputs": fp32_sess.run(None, feeds(fp32_sess, inputs))[0],

@@ -184,6 +184,24 @@ def integer_ops(proto: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")
+
+
+def left_fp32(proto: onnx.ModelProto) -> dict[str, int]:
+    """Counts of the heavy node types (COMPUTE_OPS) still computing in fp32 in the
+    quantized ``proto``: those none of whose inputs comes out of a DequantizeLinear (QDQ
+    nodes that onnxruntime fuses into int8 kernels). Dynamic quantization replaces the
+    nodes it quantizes (MatMulInteger), so what remains is fp32: convolutions and recurrent
+    layers under dynamic, recurrent layers and what calibration skipped under static."""
+    dequantized = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    counts = Counter(
+        n.op_type
+        for n in proto.graph.node
+        if n.op_type in COMPUTE_OPS and not dequantized.intersection(n.input)
+    )
+    return dict(sorted(counts.items()))
+
+
 def int8_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Name -> array of the INT8 initializers (the quantized weights) of ``proto``."""
     return {

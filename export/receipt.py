@@ -166,7 +166,9 @@ def _int8_rows(q: dict | None) -> list[tuple[str, str]]:
         f"limit -{q['max_accuracy_drop']:g}) on {q['n_inputs']} inputs"
     )
     sizes = q["bytes"]
+    fp32 = ", ".join(f"{k} x{v}" for k, v in q.get("left_fp32", {}).items()) or "none"
     rows = [("int8 compute", f"{q['mode']} ({method}): {ops}"),
+            ("left in fp32", fp32),
             (f"int8 {q['metric']}", metric),
             ("int8 vs fp32 outputs", f"mean cosine {q['cosine_mean']:.4f} (>= "
              f"{q['output_min_cosine']}), max abs diff {q['max_abs_diff']:.3g}"),

@@ -57,7 +57,7 @@ def test_mlp_int8_is_dynamic_integer_matmul_and_reports_the_recomputed_change(tm
     assert q["method"] == "dynamic" and q["calibration"] is None
     ops = {n.op_type for n in onnx.load(path).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops and "Gemm" not in ops
-    assert q["integer_ops"]["MatMulInteger"] == 3
+    assert q["integer_ops"]["MatMulInteger"] == 3 and q["left_fp32"] == {}
     # the change, recomputed: int8 file vs the pruned PyTorch model (= fp32 graph, 1e-5)
     labels = y.numpy()
     fp32 = float((run_torch(model, x).argmax(-1) == labels).mean())
@@ -106,6 +106,7 @@ def test_cnn_with_batchnorm_int8_is_static_qdq_calibrated_and_fused(tmp_path):
     assert q["change_points"] == pytest.approx(100 * (q["int8"] - 1.0))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(path).graph.node}
     assert "QLinearConv" in _optimized_ops(path, tmp_path)  # onnxruntime computes in int8
+    assert q["left_fp32"] == {}
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(path).graph.node}
 
 
@@ -118,6 +119,7 @@ def test_int8_on_a_cnn_is_dynamic_and_leaves_convolutions_fp32(tmp_path, mode):
     assert r["quantization"]["method"] == "dynamic"
     assert r["quantization"]["integer_ops"] == {"DynamicQuantizeLinear": 1, "MatMulInteger": 1}
     assert "Conv" in {n.op_type for n in onnx.load(tmp_path / "c.onnx").graph.node}
+    assert r["quantization"]["left_fp32"] == {"Conv": 2}
 
 
 def test_int8_on_a_conv_only_graph_falls_back_to_static(tmp_path):
@@ -201,6 +203,7 @@ def test_lstm_quantizes_its_linear_head_and_keeps_the_lstm_fp32(tmp_path):
                     max_accuracy_drop=25.0, latency=False)  # fmt: skip
     ops = {n.op_type for n in onnx.load(tmp_path / "l.onnx").graph.node}
     assert "LSTM" in ops and "MatMulInteger" in ops
+    assert r["quantization"]["left_fp32"] == {"LSTM": 1}  # said, not hidden
     assert r["quantization"]["metric"] == "accuracy"
 
 
