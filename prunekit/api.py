@@ -328,7 +328,8 @@ def export_model(
     original = None
     if structure == "units":
         original, model, masks = model, shrink_units(model, data), None
-        storage = "dense" if storage == "packed" else storage
+        # int8 compute keeps 'packed': it packs its int8 weights only where that is smaller
+        storage = "dense" if storage == "packed" and quantize is None else storage
     receipt = _export_onnx(
         model,
         path,

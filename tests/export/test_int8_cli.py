@@ -136,3 +136,16 @@ def test_recipe_with_int8_export_and_its_gates_validates(tmp_path, cli):
     )
     code, stdout, stderr = cli("validate", recipe)
     assert code == 0, stderr
+
+
+def test_prune_units_export_int8_is_the_shrunk_graph_in_int8(digits_model_file, tmp_path, cli):
+    out = tmp_path / "run"
+    code, _, stderr = cli("prune", digits_model_file, *PRUNE_ARGS, "--structure", "units",
+                          "--out", out, "--export", out / "m.onnx", "--quantize", "int8",
+                          "--max-accuracy-drop", "5")  # fmt: skip
+    assert code == 0, stderr
+    receipt = json.loads((out / "m.onnx.json").read_text())
+    assert receipt["storage"] == "packed" and receipt["quantization"]["method"] == "dynamic"
+    units = receipt["units"]
+    assert units["params_after"] < units["params_before"]
+    assert receipt["quantization"]["integer_ops"]["MatMulInteger"] == 2  # 64-32-10
