@@ -182,7 +182,16 @@ def show_receipt(receipt: dict) -> None:
     """Print an export receipt table."""
     from prunekit.export import receipt_table
 
-    print_receipt(receipt, receipt_table(receipt))
+    rows = receipt_table(receipt)
+    units = receipt.get("units")
+    if units:  # --structure units: the smaller graph against the unshrunk model
+        before, after = units["params_before"], units["params_after"]
+        rows.append(("units: parameters", f"{before:,} -> {after:,}"))
+        for size in ("batch1", "batch64"):
+            ratio = units.get(f"latency_ratio_{size}")
+            if ratio is not None:
+                rows.append((f"units: latency {size}", f"{ratio:.3f}x the unshrunk model"))
+    print_receipt(receipt, rows)
 
 
 def plots(run_dir: Path) -> list[Path]:
