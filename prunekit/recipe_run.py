@@ -313,6 +313,9 @@ def explain_recipe(recipe: dict) -> dict:
             int(crit.uses_gradient or inputs_only) + passes * int(crit.uses_curvature)
         )
         score_bwd = n_score * (int(crit.uses_gradient) + passes * terms)
+        if getattr(crit, "reconstructs", False):  # one calibration forward per target layer
+            score_fwd += n_score * len(checked["targets"] or {})
+        score_fwd, score_bwd = score_fwd * settings.shots, score_bwd * settings.shots
         ft = settings.finetune_epochs * n_train
         rows.append(
             {
@@ -340,6 +343,13 @@ def explain_recipe(recipe: dict) -> dict:
     ]
     if settings.scope == "global":
         notes.append("global scope: per-layer sparsity depends on the scores (known after run)")
+    if settings.shots > 1:
+        notes.append(f"shots {settings.shots}: every step scores {settings.shots} times (counted)")
+    if settings.update_mode == "joint":
+        notes.append(
+            "joint update: per step and factored layer, 4 evaluations of up to 256 held-out "
+            "examples choose the damping (not counted)"
+        )
     if settings.loss == "distill":
         notes.append(
             f"distillation: one forward pass of the dense model over all "

@@ -192,3 +192,16 @@ def test_sparsegpt_criterion_reconstructs_layer_by_layer(data, dense):
     assert result.report["sparsity"]["global"] == pytest.approx(0.6, abs=0.01)
     magnitude = _run(dense, data, criterion="magnitude", finetune_epochs=0.0, final_epochs=0.0)
     assert result.metrics[-1]["loss_after_prune"] < magnitude.metrics[-1]["loss_after_prune"]
+
+
+def test_explain_counts_every_shot():
+    from pathlib import Path
+
+    from prunekit.recipe_run import explain_recipe, load_checked_recipe
+
+    path = Path(__file__).resolve().parent.parent / "recipes" / "ci-digits-obd.yaml"
+    one = explain_recipe(load_checked_recipe(path))
+    two = explain_recipe(load_checked_recipe(path, ["criterion.shots=2"]))
+    assert two["totals"]["score_forward"] == 2 * one["totals"]["score_forward"]
+    assert two["totals"]["score_backward"] == 2 * one["totals"]["score_backward"]
+    assert any("shots 2" in n for n in two["notes"])
