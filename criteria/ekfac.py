@@ -218,13 +218,45 @@ def _keep_masks(layers: dict[str, Layer], masks: Masks | None, like: dict[str, T
     return out
 
 
-def _batch_sq(a: Tensor, grads: Iterable[Tensor], u_g, u_a, mask) -> Tensor:
+class _BatchScaling:
+    """One batch's S contribution of one target, added term by term; both S routes (kept
+    rows, second pass) use it, so both give the same S.
+
+    a: activation rows (N, grp, L, i'), projected once for all terms. One position and no
+    mask: (U_G^T g)^2 is summed over the terms first and multiplied by (U_A^T a)^2 once, so
+    C exact-label terms cost one (o x N x i') GEMM instead of C (linearity: exact).
+    """
+
+    def __init__(self, a: Tensor, u_g: Tensor, u_a: Tensor, mask: Tensor | None) -> None:
+        self.rows = a if mask is not None else _project(a, u_a)
+        self.u_g, self.u_a, self.mask = u_g, u_a, mask
+        self.single = mask is None and a.shape[2] == 1
+        self.total: Tensor | None = None
+
+    def add(self, g: Tensor) -> None:
+        """Add one label term's gradient rows g (N, grp, L, o)."""
+        if self.single:
+            part = _project(g, self.u_g)[:, :, 0].pow(2)  # (N, grp, o)
+        else:
+            part = _projected_sq(g, self.rows, self.u_g, self.u_a, self.mask)
+        self.total = part if self.total is None else self.total.add_(part)
+
+    def result(self) -> Tensor | None:
+        """The (grp, o, i') sum over examples and terms; None if no term was added."""
+        if self.total is None or not self.single:
+            return self.total
+        return self.total.permute(1, 2, 0) @ self.rows[:, :, 0].pow(2).transpose(0, 1)
+
+
+def _batch_sq(a: Tensor, grads: Iterable[Tensor], u_g, u_a, mask) -> Tensor | None:
     """One batch's sum over examples and label terms of squared projected gradients.
 
     a: activation rows (N, grp, L, i'); grads: gradient rows (N, grp, L, o) per term.
     """
-    rows = a if mask is not None else _project(a, u_a)  # once per batch for all terms
-    return sum(_projected_sq(g, rows, u_g, u_a, mask) for g in grads)
+    batch = _BatchScaling(a, u_g, u_a, mask)
+    for g in grads:
+        batch.add(g)
+    return batch.result()
 
 
 def fit_scaling(
@@ -256,10 +288,14 @@ def fit_scaling(
         model, task, layers, batches, labels=labels, samples=samples, generator=generator
     )
     for n, acts, _, terms in stream:  # S sums positions: no 1/T_n (module docstring)
-        rows = {t: a if keep[t] is not None else _project(a, u_a[t]) for t, a in acts.items()}
+        parts = {t: _BatchScaling(a, u_g[t], u_a[t], keep[t]) for t, a in acts.items()}
         for grads in terms:
             for t, g in grads.items():
-                acc[t] += _projected_sq(g, rows[t], u_g[t], u_a[t], keep[t])
+                parts[t].add(g)
+        for t, part in parts.items():
+            value = part.result()
+            if value is not None:
+                acc[t] += value
         seen += n
     seen = all_reduce_sums(acc.values(), seen)
     if seen == 0:
@@ -374,7 +410,9 @@ class RowCache:
             u_g, u_a = basis.u_g[t], basis.u_a[t]
             acc = torch.zeros(ly.groups, ly.rows, ly.cols, dtype=u_a.dtype, device=u_a.device)
             for a, grads in self.rows[t]:
-                acc += _batch_sq(a, grads, u_g, u_a, keep[t])
+                value = _batch_sq(a, grads, u_g, u_a, keep[t])
+                if value is not None:
+                    acc += value
             out[t] = acc
         all_reduce_sums(out.values(), 0)  # rows are this rank's shard; seen is already global
         return {t: acc / seen for t, acc in out.items()}
