@@ -132,13 +132,13 @@ def test_int8_on_a_conv_only_graph_falls_back_to_static(tmp_path):
     assert r["quantization"]["calibration"]["source"] == "validation inputs"
 
 
-def _near_tie_model() -> nn.Module:
+def _near_tie_model(features: int = 16) -> nn.Module:
     """Four nearly identical logits: int8 rounding flips many argmaxes."""
     torch.manual_seed(0)
-    model = nn.Linear(16, 4)
+    model = nn.Linear(features, 4)
     with torch.no_grad():
-        base = torch.randn(1, 16)
-        model.weight.copy_(base + 1e-3 * torch.randn(4, 16))
+        base = torch.randn(1, features)
+        model.weight.copy_(base + 1e-3 * torch.randn(4, features))
         model.bias.zero_()
     return model.eval()
 
@@ -229,3 +229,16 @@ def test_encoder_int8_runs_at_another_length(tmp_path):
     assert q["metric"] == "accuracy" and q["fp32"] == 1.0
     assert v["max_abs_diff"] <= 1e-5 and "other_length" in v
     assert v["weights"]["zeros"] >= v["weights"]["pruned"] > 0
+
+
+def test_int8_weights_limit_is_in_points_too(tmp_path):
+    model = _near_tie_model(256)  # large enough that its int8 values are stored (smaller)
+    x = torch.randn(200, 256)
+    y = torch.from_numpy(run_torch(model, x).argmax(-1))
+    with pytest.raises(QuantizationRefused, match="int8-weights export refused: .* points"):
+        export_onnx(model, tmp_path / "w.onnx", x[:4], quantize="int8-weights", verify_inputs=x,
+                    verify_targets=y, max_accuracy_drop=0, latency=False)  # fmt: skip
+    assert sorted(tmp_path.iterdir()) == []
+    r = export_onnx(model, tmp_path / "w.onnx", x[:4], quantize="int8-weights", verify_inputs=x,
+                    verify_targets=y, max_accuracy_drop=100, latency=False)  # fmt: skip
+    assert "quantization" not in r and r["verification"]["accuracy_pytorch"] == 1.0
