@@ -3,15 +3,17 @@ group criterion, and onnxruntime latency of the shrunk export vs the dense expor
 
 Models: the MNIST MLP 784-300-100-10 (tanh) and the MNIST CNN with BatchNorm
 (``prunekit.models.cnn(bn=1)``: conv16-BN-relu-pool, conv32-BN-relu-pool, fc64, fc10), both
-trained here on mnist5k (4000 train / 1000 val, seed 0), and the MiniLM-sized encoder
-(``prunekit.models.encoder(vocab=4096, dim=384, heads=6, layers=6, ffn=1536)``, random
-weights, latency only; units by group-L2, the same fraction of every group: scope 'layer').
+trained here on mnist5k (4000 train / 1000 val, seed 0; AdamW 1e-3, 20 and 8 epochs), and
+the MiniLM-sized encoder (``prunekit.models.encoder(vocab=4096, dim=384, heads=6, layers=6,
+ffn=1536)``, random weights, latency only; units by group-L2, the same fraction of every
+group: scope 'layer').
 
 Accuracy rows: at 25/50/75% of units removed, each criterion prunes in 3 steps (exp
 schedule), every step followed by BatchNorm recalibration (CNN) and 0.5 epoch of masked SGD
 fine-tuning (lr 0.01, momentum 0.9, wd 5e-4, batch 100), then 1 final epoch: the same budget
-and batches for every row. Criteria: prunekit's group L2, group Taylor and Fisher group
-quadratic (obd, EKFAC, 1000 scoring examples, sampled labels) with scope 'global', the
+and batches for every row; as in prunekit's loop, a phase that ends with a higher validation
+loss hands back its starting weights. Criteria: prunekit's group L2, group Taylor and
+Fisher group quadratic (obd, EKFAC, 1000 scoring examples, sampled labels) with scope 'global', the
 Fisher criterion with scope 'layer' too, structured OBS (KFAC; the consumers' remaining
 columns get the OBS update), and the peer rows: our reimplementation of
 Torch-Pruning's GroupNormImportance (p=2) and GroupTaylorImportance (defaults: per member
@@ -108,6 +110,16 @@ def train(model, data, epochs: float, lr: float, optimizer: str = "adamw") -> No
     finetune(model, TASK, data.train_batches(100, gen), phase)
 
 
+def guarded_finetune(model, data, gen, phase, masks) -> None:
+    """Masked fine-tuning that, like prunekit's loop (best-of-phase guard), hands back the
+    phase's starting weights when the phase ends with a higher validation loss."""
+    before = evaluate(model, TASK, data.val_batches())["loss"]
+    start = copy.deepcopy(model.state_dict())
+    finetune(model, TASK, data.train_batches(100, gen), phase, masks=masks)
+    if evaluate(model, TASK, data.val_batches())["loss"] > before:
+        model.load_state_dict(start)
+
+
 def prune_run(base, data, crit_name, kw, scope, sparsity, peer=None) -> dict:
     """One pruning run from a copy of ``base``: accuracy after pruning+fine-tuning."""
     model = copy.deepcopy(base)
@@ -138,9 +150,9 @@ def prune_run(base, data, crit_name, kw, scope, sparsity, peer=None) -> dict:
             )
         if k == STEPS:  # the last step's removal, before its fine-tuning
             pre_ft = evaluate(model, TASK, data.val_batches())["accuracy"]
-        finetune(model, TASK, data.train_batches(100, gen), phase, masks=run.masks)
+        guarded_finetune(model, data, gen, phase, run.masks)
     final = FinetuneSettings(epochs=1.0, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    finetune(model, TASK, data.train_batches(100, gen), final, masks=run.masks)
+    guarded_finetune(model, data, gen, final, run.masks)
     metrics = evaluate(model, TASK, data.val_batches())
     report = units_report(plan, run.masks)
     return {
@@ -237,13 +249,18 @@ def bench_classifier(label, base, data, runs, workdir, quick) -> tuple[list, lis
     lat_rows = []
     dense_params = sum(p.numel() for p in base.parameters())
     for key, (u, n_params) in shrunk_units.items():
-        row = [label, key, f"{u['units_removed']:.2%}", f"{n_params / dense_params:.3f}"]
+        row = [label, key, f"{u['units_removed']:.2%}", _kept(u), f"{n_params / dense_params:.3f}"]
         for threads in (1, 2):
             for size in (1, 64):
                 d, t = times[("dense", threads, size)], times[(key, threads, size)]
                 row.append(f"{t:.3f} / {d:.3f} = {t / d:.3f}x")
         lat_rows.append(row)
     return acc_rows, lat_rows
+
+
+def _kept(units: dict) -> str:
+    """Kept/total units per group, e.g. '9/16, 20/32, 27/64'."""
+    return ", ".join(f"{g['after']}/{g['before']}" for g in units["groups"].values())
 
 
 def bench_encoder(runs, workdir, seq: int, quick: bool) -> list:
@@ -283,7 +300,7 @@ def bench_encoder(runs, workdir, seq: int, quick: bool) -> list:
     rows = []
     dense_params = sum(p.numel() for p in base.parameters())
     for key, (u, small) in info.items():
-        row = [f"encoder (T={seq})", key, f"{u['units_removed']:.2%}",
+        row = [f"encoder (T={seq})", key, f"{u['units_removed']:.2%}", "per layer",
                f"{sum(p.numel() for p in small.parameters()) / dense_params:.3f}"]  # fmt: skip
         for threads in (1, 2):
             for size in (1, 64):
@@ -307,10 +324,10 @@ def main() -> None:
     models = {}
     torch.manual_seed(0)
     models["MLP 784-300-100-10"] = mlp("784,300,100,10", act="tanh")
-    train(models["MLP 784-300-100-10"], data, 10, 1e-3)
+    train(models["MLP 784-300-100-10"], data, 20, 1e-3)
     torch.manual_seed(0)
     models["CNN+BN 16-32-64"] = cnn(bn=1)
-    train(models["CNN+BN 16-32-64"], data, 4, 1e-3)
+    train(models["CNN+BN 16-32-64"], data, 8, 1e-3)
     print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
     acc_rows, lat_rows = [], []
     with tempfile.TemporaryDirectory() as work:
@@ -338,7 +355,7 @@ def goals(acc_rows, lat_rows) -> str:
     for model, limit in (("MLP", 0.55), ("CNN", 0.55), ("encoder", 0.65)):
         rows = [r for r in lat_rows if r[0].startswith(model) and r[1].endswith(" 50%")]
         for r in rows:
-            b64 = {1: _ratio(r[5]), 2: _ratio(r[7])}
+            b64 = {1: _ratio(r[6]), 2: _ratio(r[8])}
             met = "met" if max(b64.values()) <= limit else "missed"
             lines.append(
                 f"- 50% units, batch 64, {r[0]} shrunk by {r[1][:-4]}: ORT latency "
@@ -352,7 +369,7 @@ def goals(acc_rows, lat_rows) -> str:
             if base is None or name not in at:
                 continue
             gain = 100 * (at[name] - base)
-            met = "met" if gain >= 1.0 else "missed"
+            met = "met" if gain >= 1.0 - 1e-6 else "missed"  # 1000 examples: 1 point = 10
             lines.append(
                 f"- 50% units, {model}: {name} {at[name]:.4f} vs group-L2 {base:.4f} after the "
                 f"same fine-tuning ({gain:+.1f} points); goal >= +1 point: **{met}**"
@@ -367,7 +384,7 @@ def summary(acc_rows, lat_rows) -> str:
          "scoring s", "run s"], acc_rows,
     )  # fmt: skip
     lat = markdown_table(
-        ["model", "shrunk by", "units removed", "params x dense",
+        ["model", "shrunk by", "units removed", "kept per group", "params x dense",
          "ORT 1 thr b1 ms (x dense)", "ORT 1 thr b64", "ORT 2 thr b1", "ORT 2 thr b64"], lat_rows,
     )  # fmt: skip
     return (
