@@ -26,6 +26,7 @@ from prunekit.criteria import CRITERIA
 from prunekit.criteria.curvature import ESTIMATORS
 from prunekit.criteria.fisher import LABELS
 from prunekit.errors import CheckpointError, SettingError, choice_error, first_line
+from prunekit.export.modes import QuantizationRefused
 from prunekit.finetune import AUTO, LR_CANDIDATES, LR_SCHEDULES, OPTIMIZERS, PROBE_STEPS
 from prunekit.loop import run_pruning
 from prunekit.models import EXAMPLES
@@ -151,24 +152,33 @@ def run_recipe(
         model, data, settings, progress=progress, state_dir=out, resume=resume, state_info=info
     )
     write_run(out, result, arch, recipe["data"])
-    receipt = None
+    receipt, refused = None, None
     if recipe["export"]["enabled"]:
-        receipt = export_model(
-            result.model,
-            out / "model.onnx",
-            data,
-            masks=result.masks,
-            storage=recipe["export"]["storage"],
-            quantize=recipe["export"]["quantize"],
-            overwrite=True,
-            published_path=Path(final) / "model.onnx" if final is not None else None,
-            forward=forward,
-            structure=settings.structure,
-        )  # its receipt: model.onnx.json beside it
+        try:
+            receipt = export_model(
+                result.model,
+                out / "model.onnx",
+                data,
+                masks=result.masks,
+                storage=recipe["export"]["storage"],
+                quantize=recipe["export"]["quantize"],
+                overwrite=True,
+                published_path=Path(final) / "model.onnx" if final is not None else None,
+                forward=forward,
+                structure=settings.structure,
+                max_accuracy_drop=recipe["export"]["max_accuracy_drop"],
+                seed=recipe["seed"],
+            )  # its receipt: model.onnx.json beside it
+        except QuantizationRefused as exc:  # the run is kept, its report says why
+            refused = exc
     checks = evaluate_checks(recipe["checks"], result.report, receipt)
     result.report["checks"] = checks
     result.report["recipe"] = {"name": recipe["name"], "hash": info["recipe_hash"]}
+    if refused is not None:
+        result.report["export_refused"] = str(refused)
     write_json(out / "report.json", result.report)
+    if refused is not None:
+        raise refused
     return result.report, checks
 
 
@@ -180,7 +190,10 @@ def _export_forward(recipe: dict, model: nn.Module, data):
     spec = recipe["task"]["spec"]
     forward = export_forward(data, load_task(spec) if spec else None, recipe["task"]["loss"])
     storage, quantize = recipe["export"]["storage"], recipe["export"]["quantize"]
-    check_export(model, data, storage=storage, quantize=quantize, forward=forward)
+    limit = recipe["export"]["max_accuracy_drop"]
+    check_export(
+        model, data, storage=storage, quantize=quantize, forward=forward, max_accuracy_drop=limit
+    )
     return forward
 
 

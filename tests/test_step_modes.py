@@ -205,3 +205,30 @@ def test_explain_counts_every_shot():
     assert two["totals"]["score_forward"] == 2 * one["totals"]["score_forward"]
     assert two["totals"]["score_backward"] == 2 * one["totals"]["score_backward"]
     assert any("shots 2" in n for n in two["notes"])
+
+
+def test_recipe_export_limit_reaches_the_export_and_a_refusal_keeps_the_report(
+    tmp_path, monkeypatch
+):
+    import json
+    from pathlib import Path
+
+    import prunekit.recipe_run as recipe_run
+    from prunekit.export.modes import QuantizationRefused
+
+    seen = {}
+
+    def refuse(*args, **kwargs):
+        seen.update(kwargs)
+        raise QuantizationRefused("int8 lost 2.0 points > --max-accuracy-drop 0.5")
+
+    monkeypatch.setattr(recipe_run, "export_model", refuse)
+    path = Path(__file__).resolve().parent.parent / "recipes" / "ci-digits-obd.yaml"
+    overrides = ["schedule.steps=1", "finetune.final_epochs=0", "analysis.ntk=false",
+                 "export.quantize=int8", "export.max_accuracy_drop=0.5"]  # fmt: skip
+    recipe = recipe_run.load_checked_recipe(path, overrides)
+    with pytest.raises(QuantizationRefused):
+        recipe_run.run_recipe(recipe, tmp_path / "run")
+    assert seen["max_accuracy_drop"] == 0.5 and seen["quantize"] == "int8"
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "lost 2.0 points" in report["export_refused"]
