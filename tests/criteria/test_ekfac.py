@@ -320,10 +320,10 @@ def test_project_skips_zero_rows_exactly():
     from prunekit.criteria.ekfac import _project
 
     gen = torch.Generator().manual_seed(0)
-    rows = torch.randn(3, 1, 5, 64, generator=gen, dtype=torch.float64)  # d >= 64: skipping on
+    rows = torch.randn(3, 1, 5, 1024, generator=gen, dtype=torch.float64)  # wide: skipping on
     rows[0, 0, 3:] = 0.0  # padding at the end of example 0
     rows[2, 0, 1] = 0.0  # and a zero row inside example 2
-    u = torch.linalg.qr(torch.randn(1, 64, 64, generator=gen, dtype=torch.float64))[0]
+    u = torch.linalg.qr(torch.randn(1, 1024, 1024, generator=gen, dtype=torch.float64))[0]
     got = _project(rows, u)
     assert got.shape == rows.shape
     torch.testing.assert_close(got, torch.einsum("nglc,gcd->ngld", rows, u))
