@@ -260,6 +260,7 @@ def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, lis
     run.ntk = ntk_log_for(model, task, data, settings, targets)
     if settings.structure == "units":
         run.units = plan_units(model, task, data, targets, settings)
+        run.masks = {**run.masks, **run.units.full_masks()}  # biases, BatchNorm: resume sees them
     if settings.update_mode == "joint":
         device = next(model.parameters()).device
         run.held_out, run.held_out_source = held_out_batches(data, settings.score_examples, device)

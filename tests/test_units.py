@@ -259,12 +259,6 @@ def test_recurrent_hidden_units_score_on_the_diagonal_fisher_and_step(cell):
         torch.testing.assert_close(small.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loop._start_run must start run.masks with run.units.full_masks() so that a "
-    "checkpoint's bias/BatchNorm masks are expected on resume (H8 report); remove this "
-    "marker with that fix",
-)
 def test_a_resumed_units_run_restores_every_member_mask(tmp_path):
     import copy
 
