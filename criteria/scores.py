@@ -25,6 +25,7 @@ from prunekit.criteria.curvature import (
     check_refit_every,
     default_labels,
     fit_curvature,
+    output_classes,
 )
 from prunekit.criteria.fisher import LABELS, check_labels, mean_gradient
 from prunekit.criteria.obs import obs_saliency
@@ -63,8 +64,8 @@ class TaylorCriterion:
 
     lam: locality penalty lambda >= 0; fisher: curvature estimator name ('ekfac' default,
     'kfac', 'diag'); labels: Fisher labels ('exact', 'sampled', 'empirical'; None at
-    construction becomes the estimator's default: 'exact' for diag, 'sampled' for
-    kfac/ekfac, see ``curvature.default_labels``); samples: labels drawn per
+    construction becomes the default: 'exact' on classifiers with at most 32 classes,
+    'sampled' otherwise, see ``curvature.default_labels``); samples: labels drawn per
     example when sampled; refit_basis_every: with a ``cache``, fit a new EKFAC eigenbasis
     every N-th step (0 = keep the first one and refit only the scaling).
     """
@@ -92,11 +93,11 @@ class TaylorCriterion:
             raise choice_error("Fisher labels", self.labels, LABELS)
         check_refit_every(self.refit_basis_every)
 
-    def labels_for(self, task: Task | None) -> str:
-        """The Fisher labels used on ``task``: the given ones, else the estimator's default
-        for that task (``curvature.default_labels``)."""
+    def labels_for(self, task: Task | None, classes: int | None = None) -> str:
+        """The Fisher labels used on ``task`` with ``classes`` outputs (None = unknown): the
+        given ones, else the default for that task (``curvature.default_labels``)."""
         if self._labels_defaulted:
-            return default_labels(self.fisher, task)
+            return default_labels(self.fisher, task, classes)
         return self.labels
 
     def evaluate(
@@ -123,7 +124,8 @@ class TaylorCriterion:
         g = mean_gradient(model, task, targets, batches) if self.uses_gradient else {}
         curv, estimators = None, {}
         if self.uses_curvature:
-            labels = self.labels_for(task)
+            classes = output_classes(model, task, batches) if self._labels_defaulted else None
+            labels = self.labels_for(task, classes)
             check_labels(labels, task, self.samples)
             curv = fit_curvature(
                 self.fisher,

@@ -17,7 +17,7 @@ from prunekit.analysis import ntk_alignment as _ntk_alignment
 from prunekit.checkpoint import build_model
 from prunekit.criteria import fit_curvature, make_criterion
 from prunekit.criteria.capture import capture as _capture
-from prunekit.criteria.curvature import default_labels
+from prunekit.criteria.curvature import default_labels, output_classes
 from prunekit.criteria.fisher import check_labels
 from prunekit.data import (
     DataBundle,
@@ -168,7 +168,7 @@ def fisher_diagonal(
     by (seed, step 0, example index), so the batching never changes them.
     """
     batches, task, targets = _scoring_inputs(model, data, task, examples)
-    labels = labels or default_labels(estimator, task)
+    labels = labels or default_labels(estimator, task, output_classes(model, task, batches))
     check_labels(labels, task, samples)
     key = LabelKey(seed=seed)
     curvature = fit_curvature(

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from prunekit.analysis import log_spaced_iterations
+from prunekit.criteria.curvature import output_classes
 from prunekit.data import DataBundle
 from prunekit.distill import prepare_task
 from prunekit.finetune import (
@@ -47,7 +48,13 @@ from prunekit.prune.masks import apply_masks, full_masks, next_masks, sparsity_o
 from prunekit.ranks import RankSlice, label_key, rank_and_world, score_batches_of
 from prunekit.report import build_report, data_report, finetune_report, task_report
 from prunekit.resume import restore_state, resume_plan, save_state
-from prunekit.settings import Progress, PruneResult, PruneSettings, resolve_device
+from prunekit.settings import (
+    Progress,
+    PruneResult,
+    PruneSettings,
+    resolve_device,
+    resolved_labels,
+)
 from prunekit.types import Masks, Target, Task, batch_to
 from prunekit.units import plan_units, shrink_result, unit_step, units_report
 
@@ -422,6 +429,9 @@ def _finish(run: _Run, crit, teacher, final_ntk, start: float, final: dict | Non
         metrics,
         time.perf_counter() - start,
     )
+    if crit.uses_curvature:  # the default depends on the class count (exact up to 32)
+        classes = output_classes(model, task, run.data.first_train(2))
+        report["fisher_labels"] = resolved_labels(crit, task, classes)
     report["finetune"] = finetune_report(settings, run.lr, run.lr_probe, run.rows, final)
     report["ntk"] = {"enabled": run.ntk is not None, "final_alignment": final_ntk}
     if run.ntk is None:

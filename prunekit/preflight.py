@@ -36,7 +36,8 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     crit = make_run_criterion(settings)
     _check_step_modes(settings, crit)
     check_data_fits(model, data, task)
-    labels = resolved_labels(crit, task) if crit.uses_curvature else None
+    classes = data.num_classes if data.kind == "classification" else None
+    labels = resolved_labels(crit, task, classes) if crit.uses_curvature else None
     check_no_idle_settings(settings, crit, labels)
     _check_distill_gradients(settings.criterion, crit, task, labels)
     if crit.uses_curvature:

@@ -183,6 +183,7 @@ def make_run_criterion(settings: PruneSettings):
     return make_criterion(settings.criterion, **overrides)
 
 
-def resolved_labels(crit, task: Task) -> str:
-    """The Fisher labels a criterion will use on ``task`` (its own, or its estimator's default)."""
-    return crit.labels_for(task)
+def resolved_labels(crit, task: Task, classes: int | None = None) -> str:
+    """The Fisher labels a criterion will use on ``task`` with ``classes`` outputs (its own,
+    or the default: exact up to 32 classes, else sampled)."""
+    return crit.labels_for(task, classes)

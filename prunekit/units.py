@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from prunekit.criteria.curvature import fit_curvature
+from prunekit.criteria.curvature import fit_curvature, output_classes
 from prunekit.criteria.fisher import check_labels, mean_gradient
 from prunekit.criteria.groups import (
     GROUP_CRITERIA,
@@ -183,7 +183,7 @@ def score_units(
     grads = mean_gradient(model, task, plan.members, batches) if name in ("lm", "qm") else None
     if name == "lm":
         return group_scores(name, groups, params, grads=grads), None
-    labels = crit.labels_for(task)
+    labels = crit.labels_for(task, output_classes(model, task, batches))
     check_labels(labels, task, crit.samples)
     fisher = crit.fisher
     targets = plan.targets if fisher != "diag" else _all_members(model, plan)

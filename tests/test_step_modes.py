@@ -232,3 +232,14 @@ def test_recipe_export_limit_reaches_the_export_and_a_refusal_keeps_the_report(
     assert seen["max_accuracy_drop"] == 0.5 and seen["quantize"] == "int8"
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert "lost 2.0 points" in report["export_refused"]
+
+
+def test_many_classes_default_to_sampled_labels_everywhere():
+    many = load_data("synthetic?n=200&dim=8&classes=40")
+    torch.manual_seed(0)
+    model = mlp("8,12,40")
+    result = run_pruning(model, many, PruneSettings(**(BASE | {"steps": 1})))
+    assert result.report["fisher_labels"] == "sampled"
+    few = run_pruning(copy.deepcopy(mlp("8,12,3")), load_data("synthetic?n=120&dim=8&classes=3"),
+                      PruneSettings(**(BASE | {"steps": 1})))  # fmt: skip
+    assert few.report["fisher_labels"] == "exact"
