@@ -68,19 +68,27 @@ def obs_update(
     ``p += delta``. Removed weights end exactly at zero; see the module docstring for
     the approximation used when a layer loses several weights at once.
     """
+    def layer_update(name, layer, parts, keep):
+        return _layer_update(layer, parts, params[name], ~keep, damping, absolute)
+
+    return _per_layer(curvature, params, masks, layer_update)
+
+
+def _per_layer(curvature, params: dict[str, Tensor], masks: Masks, layer_update) -> dict:
+    """Deltas from ``layer_update(name, layer, kfe parts, keep) -> {param: delta}`` for every
+    factored target that loses weights; removed weights end exactly at zero."""
     deltas: dict[str, Tensor] = {}
     kfe = curvature.kfe() if hasattr(curvature, "kfe") else {}
     for name, keep in masks.items():
         theta = params[name]
-        removed = ~keep.to(torch.bool)
-        if name in kfe and bool(removed.any()):
-            layer = curvature.layers[name]
-            parts = _layer_update(layer, kfe[name], theta, removed, damping, absolute)
+        keep = keep.to(torch.bool)
+        if name in kfe and not bool(keep.all()):
+            parts = layer_update(name, curvature.layers[name], kfe[name], keep)
             for pname, d in parts.items():
                 deltas[pname] = d.to(params[pname].dtype)
         base = deltas.get(name, torch.zeros_like(theta))
         # x + (-x) == 0 exactly, so removed weights end at exactly zero.
-        deltas[name] = torch.where(removed, -theta.detach(), base)
+        deltas[name] = torch.where(~keep, -theta.detach(), base)
     return deltas
 
 
@@ -116,16 +124,8 @@ def joint_update(
     contract as ``obs_update``: name -> delta (parameter shape and dtype), removed weights
     end exactly at zero; targets without factors (``Diag``) get no compensation.
     """
-    deltas: dict[str, Tensor] = {}
-    kfe = curvature.kfe() if hasattr(curvature, "kfe") else {}
-    for name, keep in masks.items():
-        theta = params[name]
-        removed = ~keep.to(torch.bool)
-        if name in kfe and bool(removed.any()):
-            lam = damping[name] if isinstance(damping, dict) else damping
-            parts = _joint_layer(curvature.layers[name], kfe[name], params, keep, lam, tol)
-            for pname, d in parts.items():
-                deltas[pname] = d.to(params[pname].dtype)
-        base = deltas.get(name, torch.zeros_like(theta))
-        deltas[name] = torch.where(removed, -theta.detach(), base)
-    return deltas
+    def layer_update(name, layer, parts, keep):
+        lam = damping[name] if isinstance(damping, dict) else damping
+        return _joint_layer(layer, parts, params, keep, lam, tol)
+
+    return _per_layer(curvature, params, masks, layer_update)
