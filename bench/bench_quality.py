@@ -116,10 +116,6 @@ def modes() -> list[Mode]:
         Mode(
             "obs + joint update, 1 step then FT", {"criterion": "obs", "update": "joint"}, ONE_SHOT
         ),
-        Mode(
-            "obs + joint update, shots 4, 10 steps",
-            {"criterion": "obs", "update": "joint", "shots": 4},
-        ),
         Mode("sparsegpt, 1 step then FT", {"criterion": "sparsegpt"}, ONE_SHOT),
         *ft_variants("sparsegpt, 10 steps", {"criterion": "sparsegpt"}),
         Mode("wanda, 1 step then FT", {"criterion": "wanda"}, ONE_SHOT),
