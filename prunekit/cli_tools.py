@@ -168,6 +168,7 @@ def export_cmd(
     axes = dynamic_axes(dynamic_axis)
     with trusting_code(trust_code), library_notes():
         loaded = load(checkpoint, arch, trust_pickle)
+        structure = stored_structure(loaded.metadata, checkpoint)
         check_export_target(out, overwrite, checkpoint, "--out")
         bundle = resolve_data(data_spec(data, loaded, checkpoint))
         user = load_task(task) if task else None
@@ -178,6 +179,21 @@ def export_cmd(
                 loaded.model, out, bundle, storage=storage, quantize=quantize, opset=opset,
                 overwrite=overwrite, forward=export_forward(bundle, user), dynamic_axes=axes,
                 max_accuracy_drop=max_accuracy_drop,
-                structure=loaded.metadata.get("prunekit.structure", "unstructured"),
+                structure=structure,
             )  # fmt: skip
     show_receipt(receipt)
+
+
+def stored_structure(metadata: dict, path: Path) -> str:
+    """The checkpoint's ``prunekit.structure`` metadata ('unstructured' when absent): read
+    from a file, so only a known value passes; anything else is one CheckpointError line."""
+    from prunekit.errors import CheckpointError
+    from prunekit.settings import STRUCTURES
+
+    value = metadata.get("prunekit.structure", "unstructured")
+    if value not in STRUCTURES:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise CheckpointError(
+            f"{path}: metadata prunekit.structure {shown!r} is not one of {', '.join(STRUCTURES)}"
+        )
+    return value

@@ -66,3 +66,23 @@ def test_units_refuses_single_weight_options(tmp_path, digits_model_file, cli, a
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["evil", "os.system", "units" * 30, ""])
+def test_export_refuses_a_malformed_structure_in_metadata(tmp_path, digits_model_file, cli, value):
+    from safetensors import safe_open
+
+    from prunekit.prune.state import save_tensors
+
+    with safe_open(str(digits_model_file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    bad = tmp_path / "bad.safetensors"
+    save_tensors(bad, tensors, {**meta, "prunekit.structure": value})
+    out = tmp_path / "m.onnx"
+    code, stdout, stderr = cli("export", str(bad), "--out", str(out))
+    assert code == 2, stderr
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "prunekit.structure" in lines[0], stderr
+    assert "unstructured, units" in lines[0] and "Traceback" not in stderr + stdout
+    assert not out.exists() and not out.with_name("m.onnx.json").exists()

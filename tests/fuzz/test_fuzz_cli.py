@@ -207,6 +207,16 @@ for _name in ("module in cwd", "call in cwd"):
         return Case(argv, expect=TRUST, expect_any=("--data",), markers=(marker,), max_lines=20)
 
 
+for _name, _value in {"os.system": "os:system", "empty": "", "long": "units" * 400}.items():
+
+    @add("export", f"metadata structure {_name}")
+    def _(ctx: Ctx, value=_value) -> Case:
+        meta = {"prunekit.data": "digits", "prunekit.arch": EXAMPLE_ARCH}
+        ckpt = ctx.safetensors("evil.safetensors", meta={**meta, "prunekit.structure": value})
+        argv = ["export", ckpt, "--out", "m.onnx"]
+        return Case(argv, expect="prunekit.structure", expect_any=("unstructured, units",))
+
+
 # ------------------------------------------------------------------ security: recipes
 
 
