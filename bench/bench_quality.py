@@ -138,6 +138,8 @@ def default_budget_modes() -> list[Mode]:
         Mode("obs + joint, shots 4", {"criterion": "obs", "update": "joint", "shots": 4}, budget),
         Mode("sparsegpt", {"criterion": "sparsegpt"}, budget),
         Mode("wanda", {"criterion": "wanda"}, budget),
+        Mode("obd + rows update", {"criterion": "obd", "update": "rows"}, budget),
+        Mode("obs + rows update", {"criterion": "obs", "update": "rows"}, budget),
     ]
     extra = []
     for m in rows[:2] + rows[4:6] + rows[7:8]:

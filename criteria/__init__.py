@@ -10,7 +10,7 @@ from prunekit.criteria.diag import Diag, fit_diag
 from prunekit.criteria.ekfac import EKFAC, EKFACBasis, eigenbasis, fit_ekfac, refit_scaling
 from prunekit.criteria.fisher import LABELS, mean_gradient, squared_gradient_sums
 from prunekit.criteria.kfac import KFAC, fit_kfac
-from prunekit.criteria.obs import joint_update, obs_saliency, obs_update
+from prunekit.criteria.obs import joint_update, obs_saliency, obs_update, rows_update
 from prunekit.criteria.scores import (
     CRITERIA,
     OBS,
@@ -51,6 +51,7 @@ __all__ = [
     "mean_gradient",
     "obs_saliency",
     "obs_update",
+    "rows_update",
     "refit_scaling",
     "squared_gradient_sums",
     "taylor_score",

@@ -99,47 +99,115 @@ def joint_obs_rows(weight: Tensor, hessian: Tensor, keep: Tensor, damping: float
     PSD, e.g. ``X X^T`` or KFAC's A; keep: bool (o, i'), True = keep, any number per row.
     Returns the (o, i') block, weight's dtype: removed entries exactly 0, each row's kept
     entries ``w_S + H_SS^-1 H_SQ w_Q`` with the damped H (module docstring), i.e. the
-    minimiser of ``(w - w')^T H (w - w')`` with w'_Q = 0. Rows are solved in batches of
-    similar |S|, padded with identity rows, by Cholesky in float64.
+    minimiser of ``(w - w')^T H (w - w')`` with w'_Q = 0. Each row is solved in the smaller
+    of two equal forms: the kept set (|S| x |S| system of H) or the removed set (the
+    |Q| x |Q| system of H^-1: delta = -H^-1 E_Q ([H^-1]_QQ)^-1 w_Q), so a row costs
+    min(|S|, |Q|)^3, not |S|^3; rows are solved in batches of similar size, padded with
+    identity rows, by Cholesky in float64.
     """
     keep = _check_block(weight, keep, hessian)
     h = damped_hessian(hessian, damping)
-    cholesky_of(h, damping)  # principal submatrices of a PD matrix are PD
+    factor = cholesky_of(h, damping)  # principal submatrices of a PD matrix are PD
     w = weight.detach().double()
     out = torch.where(keep, w, torch.zeros_like(w))
-    rhs = torch.where(keep, torch.zeros_like(w), w) @ h  # row r: (H w_Q)^T, H symmetric
     sizes = keep.sum(1)
-    # kept column indices first in each row, in column order
-    cols = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-    order = torch.argsort(sizes, stable=True)
-    start = 0
+    removed = keep.shape[1] - sizes
+    by_kept = (sizes <= removed) & (removed > 0)
+    if bool(by_kept.any()):
+        rhs = torch.where(keep, torch.zeros_like(w), w) @ h  # row r: (H w_Q)^T, H symmetric
+        cols = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # S first
+        _in_chunks(
+            by_kept,
+            sizes,
+            lambda rows, m: _solve_rows(out, rhs, h, rows, cols[rows, :m], sizes[rows]),
+        )
+    by_removed = (sizes > removed) & (removed > 0)
+    if bool(by_removed.any()):
+        hinv = torch.cholesky_inverse(factor)
+        cols = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # Q first
+        _in_chunks(
+            by_removed,
+            removed,
+            lambda rows, m: _solve_removed(out, w, hinv, rows, cols[rows, :m], removed[rows]),
+        )
+    return torch.where(keep, out, torch.zeros_like(out)).to(weight.dtype)
+
+
+def obs_rows_fast(
+    weight: Tensor, hessian: Tensor, keep: Tensor, damping: float = 0.01, exact_max: int = 64
+) -> Tensor:
+    """The joint row update of ``joint_obs_rows`` where it is cheap, SparseGPT's sequential
+    one elsewhere: rows with min(|S|, |Q|) <= ``exact_max`` are solved exactly; the others
+    get the column-by-column OBS pass of ``sparsegpt_rows`` with the mask fixed (no new
+    choice: each removed entry's error goes to the later columns through the Cholesky
+    factor of H^-1, the earlier ones keep their values). Cost per layer: one (i', i')
+    inverse and O(o i'^2) for the pass instead of o |S|^3. Same arguments and result
+    contract as ``joint_obs_rows``.
+    """
+    keep = _check_block(weight, keep, hessian)
+    kept = keep.sum(1)
+    exact = torch.minimum(kept, keep.shape[1] - kept) <= int_setting(exact_max, "exact_max", 0)
+    out = torch.empty_like(weight)
+    if bool(exact.any()):
+        out[exact] = joint_obs_rows(weight[exact], hessian, keep[exact], damping)
+    if not bool(exact.all()):
+        rest = ~exact
+        # most-removed columns first: a removed entry's error can only go to later columns,
+        # and a row whose removed entries all precede its kept ones gets its exact update
+        order = torch.argsort(keep[rest].sum(0), stable=True)
+        back = torch.argsort(order)
+        n_prune = int((~keep[rest]).sum())
+        h = hessian[order][:, order]
+        w, k = weight[rest][:, order], keep[rest][:, order]
+        out[rest] = sparsegpt_rows(w, h, n_prune, k, damping=damping)[0][:, back]
+    return out
+
+
+def _in_chunks(selected: Tensor, sizes: Tensor, solve) -> None:
+    """Call ``solve(rows, m)`` on chunks of the ``selected`` rows sorted by ``sizes``, each
+    chunk's padded (rows, m, m) systems within ``_SOLVE_ENTRIES`` (one row at least)."""
+    order = torch.nonzero(selected).flatten()
+    order = order[torch.argsort(sizes[order], stable=True)]
     sorted_sizes = sizes[order].tolist()
+    start = 0
     while start < len(order):
-        stop = start + 1  # rows sorted by |S|: grow the chunk while its padded systems fit
+        stop = start + 1  # rows sorted by size: grow the chunk while its padded systems fit
         while stop < len(order) and (stop - start + 1) * sorted_sizes[stop] ** 2 <= _SOLVE_ENTRIES:
             stop += 1
         rows = order[start:stop]
-        m = int(sizes[rows].max())
-        if m > 0:
-            _solve_rows(out, rhs, h, rows, cols[rows, :m], sizes[rows])
+        solve(rows, int(sizes[rows].max()))
         start = stop
-    return out.to(weight.dtype)
+
+
+def _padded_system(mat: Tensor, idx: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(sub, valid, idx): ``mat[S, S]`` per row for the first ``sizes`` entries of ``idx``,
+    padded with identity rows and columns to one length; ``valid`` marks the real entries."""
+    m = idx.shape[1]
+    valid = torch.arange(m, device=idx.device)[None, :] < sizes[:, None]
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    sub = mat[idx[:, :, None], idx[:, None, :]]
+    pair = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(m, dtype=mat.dtype, device=mat.device).expand_as(sub)
+    return torch.where(pair, sub, eye), valid, idx
 
 
 def _solve_rows(out: Tensor, rhs: Tensor, h: Tensor, rows: Tensor, idx: Tensor, sizes: Tensor):
     """out[rows, S] += H_SS^-1 (H w_Q)_S for a chunk of rows, S padded to one length m."""
-    m = idx.shape[1]
-    valid = torch.arange(m, device=idx.device)[None, :] < sizes[:, None]
-    idx = torch.where(valid, idx, torch.zeros_like(idx))
-    sub = h[idx[:, :, None], idx[:, None, :]]
-    pair = valid[:, :, None] & valid[:, None, :]
-    eye = torch.eye(m, dtype=h.dtype, device=h.device).expand_as(sub)
-    sub = torch.where(pair, sub, eye)  # padding: identity rows and columns, zero right side
+    sub, valid, idx = _padded_system(h, idx, sizes)
     b = torch.where(valid, rhs[rows].gather(1, idx), torch.zeros((), dtype=h.dtype))
     delta = torch.cholesky_solve(b[..., None], torch.linalg.cholesky(sub))[..., 0]
     part = out[rows]
     part.scatter_add_(1, idx, torch.where(valid, delta, torch.zeros((), dtype=h.dtype)))
     out[rows] = part
+
+
+def _solve_removed(out: Tensor, w: Tensor, hinv: Tensor, rows: Tensor, idx: Tensor, sizes: Tensor):
+    """out[rows] += -H^-1 E_Q ([H^-1]_QQ)^-1 w_Q for a chunk of rows, Q padded to length m."""
+    sub, valid, idx = _padded_system(hinv, idx, sizes)
+    b = torch.where(valid, w[rows].gather(1, idx), torch.zeros((), dtype=w.dtype))
+    x = torch.cholesky_solve(b[..., None], torch.linalg.cholesky(sub))[..., 0]
+    x = torch.where(valid, x, torch.zeros((), dtype=w.dtype))
+    out[rows] -= torch.einsum("rm,rmd->rd", x, hinv[idx])
 
 
 def obs_saliency(weight: Tensor, hessian: Tensor, damping: float = 0.01) -> Tensor:

@@ -107,8 +107,10 @@ def prune(
         "none",
         help="What the surviving weights of a layer get when weights are removed (obd/qm/obs "
         "on kfac or ekfac): none; summed (single-weight OBS updates added up); joint (the "
-        "exact OBS update for all removed weights at once, correlations included, damping "
-        "chosen per layer on held-out training examples). report.json gives the loss "
+        "exact OBS update for all removed weights at once, correlations included, both "
+        "Kronecker factors, conjugate gradients: slow); rows (the same per output row against "
+        "the layer's inputs only, as SparseGPT: ~2x a plain run). joint and rows choose "
+        "their damping per layer on held-out training examples. report.json gives the loss "
         "before and after.",
         rich_help_panel=CURVATURE,
     ),

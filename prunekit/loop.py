@@ -268,7 +268,7 @@ def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, lis
     if settings.structure == "units":
         run.units = plan_units(model, task, data, targets, settings)
         run.masks = {**run.masks, **run.units.full_masks()}  # biases, BatchNorm: resume sees them
-    if settings.update_mode == "joint":
+    if settings.update_mode in ("joint", "rows"):
         device = next(model.parameters()).device
         run.held_out, run.held_out_source = held_out_batches(data, settings.score_examples, device)
     return run, crit, sparsities

@@ -1,8 +1,11 @@
 """The OBS update of a pruning step's surviving weights, and its damping per layer.
 
 'summed' adds up single-weight OBS updates (``criteria.obs_update``, damping 1e-3 as
-before); 'joint' solves the joint system per layer (``criteria.joint_update``). A bad
-damping makes an OBS update worse than none (oBERT's warning), so for 'joint' the damping
+before); 'joint' solves the joint system per layer (``criteria.joint_update``, both
+Kronecker factors, conjugate gradients); 'rows' solves it per output row against the
+layer's input factor A (``criteria.rows_update``, the OBC/SparseGPT reconstruction form,
+one Cholesky solve per row). A bad damping makes an OBS update worse than none (oBERT's
+warning), so for 'joint' and 'rows' the damping
 of each layer is chosen on HELD-OUT training examples (those after the scoring examples;
 the validation set when the training set has none left): layer by layer in target order,
 each candidate of ``DAMPINGS`` (and no update at all) is applied to that layer alone, on top
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from prunekit.criteria import joint_update, obs_update
+from prunekit.criteria import joint_update, obs_update, rows_update
 from prunekit.data import DataBundle
 from prunekit.finetune import evaluate
 from prunekit.prune.masks import apply_masks
@@ -23,6 +26,7 @@ from prunekit.types import Masks, Task, batch_to, num_rows, take_rows
 DAMPINGS = (1e-2, 1e-1, 1.0)  # below 1e-2 CG converges slowly and rarely wins
 HELD_OUT = 256  # examples: enough to rank 5 candidates, cheap next to a curvature fit
 NONE = "none"
+SOLVERS = {"joint": joint_update, "rows": rows_update}  # the updates whose damping is chosen
 
 
 def held_out_batches(data: DataBundle, score_examples: int, device, batch: int = 256):
@@ -51,9 +55,10 @@ def _layer_params(deltas: dict[str, Tensor], layer: str, biases: dict[str, str])
 
 
 def choose_damping(
-    model: nn.Module, task: Task, curvature, masks: Masks, batches: list
+    model: nn.Module, task: Task, curvature, masks: Masks, batches: list, mode: str = "joint"
 ) -> tuple[dict[str, Tensor], dict[str, float | str]]:
-    """(deltas, choice) of the joint update with each layer's damping chosen on ``batches``.
+    """(deltas, choice) of the ``mode`` update ('joint' or 'rows', see ``SOLVERS``) with
+    each layer's damping chosen on ``batches``.
 
     Call with the weights BEFORE the step's removal (the update needs the removed values);
     returns deltas in ``joint_update``'s form (removed weights end at zero; a layer whose
@@ -64,7 +69,8 @@ def choose_damping(
     before = {n: p.detach().clone() for n, p in params.items()}
     layers = [n for n in masks if n in getattr(curvature, "layers", {})]
     biases = {n: curvature.layers[n].bias for n in layers if curvature.layers[n].bias}
-    candidates = {d: joint_update(curvature, params, masks, damping=d) for d in DAMPINGS}
+    solve = SOLVERS[mode]
+    candidates = {d: solve(curvature, params, masks, damping=d) for d in DAMPINGS}
     chosen = {n: torch.where(~masks[n], -before[n], torch.zeros_like(before[n])) for n in masks}
     choice: dict[str, float | str] = {}
     try:
@@ -106,9 +112,10 @@ def _set_layer(params, before, chosen, deltas, layer, biases, masks) -> None:
 
 def step_deltas(run, curvature, batches) -> tuple[dict[str, Tensor], dict | None]:
     """(deltas, damping choice or None) of the run's update mode for the current masks,
-    from the weights before zeroing: 'summed' (damping 1e-3) or 'joint' (chosen per layer
-    on ``batches``, see the module docstring)."""
+    from the weights before zeroing: 'summed' (damping 1e-3), or 'joint' / 'rows' (damping
+    chosen per layer on ``batches``, see the module docstring)."""
     params = dict(run.model.named_parameters())
     if run.settings.update_mode == "summed":
         return obs_update(curvature, params, run.masks, absolute=run.settings.lam), None
-    return choose_damping(run.model, run.task, curvature, run.masks, batches)
+    mode = run.settings.update_mode
+    return choose_damping(run.model, run.task, curvature, run.masks, batches, mode)

@@ -358,10 +358,10 @@ def explain_recipe(recipe: dict) -> dict:
         notes.append("global scope: per-layer sparsity depends on the scores (known after run)")
     if settings.shots > 1:
         notes.append(f"shots {settings.shots}: every step scores {settings.shots} times (counted)")
-    if settings.update_mode == "joint":
+    if settings.update_mode in ("joint", "rows"):
         notes.append(
-            "joint update: per step and factored layer, 4 evaluations of up to 256 held-out "
-            "examples choose the damping (not counted)"
+            f"{settings.update_mode} update: per step and factored layer, 4 evaluations of up "
+            "to 256 held-out examples choose the damping (not counted)"
         )
     if settings.loss == "distill":
         notes.append(

@@ -20,7 +20,7 @@ from prunekit.types import Masks, Task
 # progress(label, done, total): the CLI draws bars from these calls; None = silent.
 Progress = Callable[[str, int, int], None]
 DEVICES = ("cpu", "cuda", "auto")
-UPDATES = ("none", "summed", "joint")
+UPDATES = ("none", "summed", "joint", "rows")
 STRUCTURES = ("unstructured", "units")
 
 
@@ -67,8 +67,10 @@ class PruneSettings:
     shots: curvature re-estimations per pruning step, the step's weights removed in that
     many equal slices; update: what the surviving weights of a factored layer get when
     weights are removed: 'none', 'summed' (single-weight OBS updates added up = the old
-    ``compensate``) or 'joint' (the exact OBS update for all removed weights at once,
-    correlations included; damping chosen per layer on held-out training examples);
+    ``compensate``), 'joint' (the exact OBS update for all removed weights at once,
+    correlations included) or 'rows' (the same per output row against the layer's input
+    factor A only, the OBC/SparseGPT form; cheap); joint and rows choose their damping per
+    layer on held-out training examples;
     structure: 'unstructured' (single weights) or 'units' (whole neurons, channels, hidden
     units, heads: ``sparsity`` is then the fraction of units removed).
     """

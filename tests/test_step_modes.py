@@ -148,9 +148,10 @@ def test_cli_refuses_bad_step_modes_in_one_line(tmp_path, digits_model_file, cli
     assert "Traceback" not in stderr + stdout and not out.exists()
 
 
-def test_joint_update_chooses_damping_per_layer_on_held_out_examples(data, dense):
-    result = _run(dense, data, update="joint", score_examples=60)
-    assert result.report["update"]["mode"] == "joint"
+@pytest.mark.parametrize("mode", ["joint", "rows"])
+def test_update_chooses_damping_per_layer_on_held_out_examples(data, dense, mode):
+    result = _run(dense, data, update=mode, score_examples=60)
+    assert result.report["update"]["mode"] == mode
     assert result.report["update"]["damping_chosen_on"] == "train[60:96]"  # 96 train examples
     row = result.metrics[1]
     assert set(row["update_damping"]) == {"1.weight", "3.weight"}
@@ -159,7 +160,8 @@ def test_joint_update_chooses_damping_per_layer_on_held_out_examples(data, dense
     assert all(not params[n][~m].any() for n, m in result.masks.items())
 
 
-def test_joint_update_never_loses_to_no_update_on_held_out(data, dense):
+@pytest.mark.parametrize("mode", ["joint", "rows"])
+def test_update_never_loses_to_no_update_on_held_out(data, dense, mode):
     from prunekit.finetune import evaluate
     from prunekit.obsupdate import choose_damping, held_out_batches
     from prunekit.prune.masks import apply_masks, next_masks
@@ -175,7 +177,8 @@ def test_joint_update_never_loses_to_no_update_on_held_out(data, dense):
     masks = next_masks(scored.scores, {n: torch.ones(t.shape, dtype=bool) for n, t in
                                        targets.items()}, 0.7)  # fmt: skip
     held, _ = held_out_batches(data, 60, "cpu")
-    deltas, choice = choose_damping(model, task, scored.curvature, masks, held)
+    deltas, choice = choose_damping(model, task, scored.curvature, masks, held, mode)
+    assert set(choice) == {"1.weight", "3.weight"}
     plain = copy.deepcopy(model)
     apply_masks(plain, masks)
     params = dict(model.named_parameters())

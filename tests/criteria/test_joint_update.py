@@ -91,3 +91,41 @@ def test_per_layer_damping_dict_is_used():
     same = joint_update(ekfac, params, masks, damping=1e-4)
     assert not torch.allclose(small["0.weight"], big["0.weight"])
     torch.testing.assert_close(small["0.weight"], same["0.weight"])
+
+
+@pytest.mark.parametrize(("arch", "layer"), [("mlp", "0"), ("cnn", "2")])
+def test_rows_update_equals_dense_reconstruction_per_row(arch, layer):
+    """Rows form, every row exact (exact_max above the width): per output row, the minimiser
+    of (w - w')^T (A + lam I) (w - w') with the removed entries at zero, A = KFAC's input
+    factor, solved densely in float64 per row; EKFAC's A (from its eigenbasis) gives the same."""
+    from prunekit.criteria import fit_kfac, rows_update
+
+    model = {"mlp": orc.tiny_mlp, "cnn": orc.tiny_cnn}[arch]()
+    x, y = orc.data(model, 6)
+    targets = find_targets(model)
+    kfac = fit_kfac(model, orc.TASK, targets, [(x, y)], labels="exact")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    t = f"{layer}.weight"
+    ly = kfac.layers[t]
+    masks = {n: torch.ones(tg.shape, dtype=torch.bool) for n, tg in targets.items()}
+    masks[t] = torch.rand(params[t].shape, generator=torch.Generator().manual_seed(4)) > 0.4
+    deltas = rows_update(kfac, params, masks, damping=0.05, exact_max=10**6)
+    theta = _block_vec(ly, params[t], params.get(ly.bias)).reshape(ly.groups, ly.rows, -1)
+    kept = _block_vec(ly, masks[t].double(), torch.ones(ly.shape[0], dtype=torch.float64))
+    kept = kept.reshape(ly.groups, ly.rows, -1).bool()
+    want = torch.zeros_like(theta)
+    for g in range(ly.groups):
+        a = kfac.A[t][g].double()
+        h = a + 0.05 * float(a.diagonal().mean()) * torch.eye(a.shape[0], dtype=a.dtype)
+        for r in range(ly.rows):
+            q = torch.nonzero(~kept[g, r]).flatten()
+            if len(q):
+                hinv = torch.linalg.inv(h)
+                sub = hinv[q][:, q]
+                want[g, r] = -hinv[:, q] @ torch.linalg.solve(sub, theta[g, r, q])
+    got = _block_vec(ly, deltas[t], deltas.get(ly.bias)).reshape(want.shape)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    assert not (params[t] + deltas[t])[~masks[t]].any()
+    ekfac = fit_ekfac(model, orc.TASK, targets, [(x, y)], labels="exact")
+    from_ekfac = rows_update(ekfac, params, masks, damping=0.05, exact_max=10**6)
+    torch.testing.assert_close(from_ekfac[t], deltas[t], rtol=1e-6, atol=1e-9)

@@ -300,3 +300,39 @@ def test_sparsegpt_rows_result_depends_on_mask_block_not_on_the_lazy_block():
     assert torch.equal(default[1], same[1]) and torch.equal(default[0], same[0])
     coarse = sparsegpt_rows(w, h, 40, block=12)
     assert int((~coarse[1]).sum()) == 40 and not torch.equal(coarse[1], runs[0][1])
+
+
+def test_obs_rows_fast_is_exact_below_exact_max_and_sequential_above():
+    """Rows with min(|S|, |Q|) <= exact_max equal joint_obs_rows; the others equal SparseGPT's
+    pass with the mask fixed (n_prune = the mask's count: no new choice) over the columns
+    ordered most-removed first."""
+    o, n = 12, 10
+    x = correlated_inputs(n, 50, seed=11)
+    w = torch.randn(o, n, generator=torch.Generator().manual_seed(12), dtype=D)
+    keep = row_masks(o, n, seed=13)
+    exact = joint_obs_rows(w, x @ x.T, keep, damping=0.02)
+    assert torch.equal(obc.obs_rows_fast(w, x @ x.T, keep, 0.02, exact_max=n), exact)
+    fast = obc.obs_rows_fast(w, x @ x.T, keep, 0.02, exact_max=2)
+    kept = keep.sum(1)
+    small = torch.minimum(kept, n - kept) <= 2
+    assert 0 < int(small.sum()) < o  # both kinds of rows are present
+    torch.testing.assert_close(fast[small], exact[small], atol=1e-12, rtol=0)
+    rest = ~small
+    order = torch.argsort(keep[rest].sum(0), stable=True)  # most-removed columns first
+    h = (x @ x.T)[order][:, order]
+    k, n_prune = keep[rest][:, order], int((~keep[rest]).sum())
+    seq, _ = sparsegpt_rows(w[rest][:, order], h, n_prune, k, damping=0.02)
+    torch.testing.assert_close(fast[rest], seq[:, torch.argsort(order)], atol=1e-12, rtol=0)
+    assert bool((fast[~keep] == 0).all())
+    # the sequential rows are not the joint minimiser; with correlated inputs SparseGPT's
+    # plain column order can end worse than zeroing alone, the ordered pass is better
+    h = obc.damped_hessian(x @ x.T, 0.02)
+
+    def err(v):
+        d = v[rest] - w[rest]
+        return float(torch.einsum("ri,ij,rj->", d, h, d))
+
+    zeroed = torch.where(keep, w, torch.zeros_like(w))
+    plain = torch.zeros_like(w)
+    plain[rest] = sparsegpt_rows(w[rest], x @ x.T, n_prune, keep[rest], damping=0.02)[0]
+    assert err(exact) <= err(fast) < err(zeroed) < err(plain)
