@@ -82,16 +82,19 @@ def obs_update(
     return _per_layer(curvature, params, masks, layer_update)
 
 
-def _per_layer(curvature, params: dict[str, Tensor], masks: Masks, layer_update) -> dict:
-    """Deltas from ``layer_update(name, layer, kfe parts, keep) -> {param: delta}`` for every
-    factored target that loses weights; removed weights end exactly at zero."""
+def _per_layer(curvature, params: dict[str, Tensor], masks: Masks, layer_update, parts_of=None):
+    """Deltas from ``layer_update(name, layer, parts_of(name), keep) -> {param: delta}`` for
+    every factored target that loses weights (``parts_of`` defaults to the kfe parts);
+    removed weights end exactly at zero."""
     deltas: dict[str, Tensor] = {}
-    kfe = curvature.kfe() if hasattr(curvature, "kfe") else {}
+    layers = getattr(curvature, "layers", {})
+    if parts_of is None:
+        parts_of = curvature.kfe().get if layers else None
     for name, keep in masks.items():
         theta = params[name]
         keep = keep.to(torch.bool)
-        if name in kfe and not bool(keep.all()):
-            parts = layer_update(name, curvature.layers[name], kfe[name], keep)
+        if name in layers and not bool(keep.all()):
+            parts = layer_update(name, layers[name], parts_of(name), keep)
             for pname, d in parts.items():
                 deltas[pname] = d.to(params[pname].dtype)
         base = deltas.get(name, torch.zeros_like(theta))
@@ -182,16 +185,9 @@ def rows_update(
     delta (parameter shape and dtype), removed weights end exactly at zero; targets
     without factors get no compensation.
     """
-    deltas: dict[str, Tensor] = {}
-    layers = getattr(curvature, "layers", {})
-    for name, keep in masks.items():
-        theta = params[name]
-        keep = keep.to(torch.bool)
-        if name in layers and not bool(keep.all()):
-            lam = damping[name] if isinstance(damping, dict) else damping
-            a = input_factor(curvature, name).double()
-            for pname, d in _rows_layer(layers[name], a, params, keep, lam, exact_max).items():
-                deltas[pname] = d.to(params[pname].dtype)
-        base = deltas.get(name, torch.zeros_like(theta))
-        deltas[name] = torch.where(~keep, -theta.detach(), base)
-    return deltas
+
+    def layer_update(name, layer, a, keep):
+        lam = damping[name] if isinstance(damping, dict) else damping
+        return _rows_layer(layer, a.double(), params, keep, lam, exact_max)
+
+    return _per_layer(curvature, params, masks, layer_update, lambda n: input_factor(curvature, n))
