@@ -104,9 +104,11 @@ def prune(
         rich_help_panel=CURVATURE,
     ),
     update: str = typer.Option(
-        "none",
+        "auto",
         help="What the surviving weights of a layer get when weights are removed (obd/qm/obs "
-        "on kfac or ekfac): none; summed (single-weight OBS updates added up); joint (the "
+        "on kfac or ekfac): auto (rows when the run fine-tunes nowhere, i.e. "
+        "--finetune-epochs 0 --final-epochs 0; else none); none; summed (single-weight OBS "
+        "updates added up); joint (the "
         "exact OBS update for all removed weights at once, correlations included, both "
         "Kronecker factors, conjugate gradients: slow); rows (the same per output row against "
         "the layer's inputs only, as SparseGPT: ~2x a plain run). joint and rows choose "

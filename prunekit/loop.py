@@ -437,7 +437,11 @@ def _finish(run: _Run, crit, teacher, final_ntk, start: float, final: dict | Non
     if run.ntk is None:
         report["ntk"]["note"] = NTK_DEFAULT_HINT
     report["bn_recalibration"] = run.use_recalibration
-    report["update"] = {"mode": settings.update_mode, "shots": settings.shots}
+    report["update"] = {
+        "mode": settings.update_mode,
+        "requested": settings.update,
+        "shots": settings.shots,
+    }
     shrunk = None
     if run.units is not None:
         shrunk = shrink_result(model, run.units, run.masks)

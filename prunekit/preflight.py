@@ -72,7 +72,7 @@ def _check_step_modes(settings: PruneSettings, crit) -> None:
                     f"{flag} applies to single weights; --structure units scores whole units "
                     "(obs compensates the next layer itself): drop one of them"
                 )
-    if settings.compensate and settings.update not in ("none", "summed"):
+    if settings.compensate and settings.update not in ("auto", "none", "summed"):
         raise SettingError(
             f"--compensate is --update summed; it contradicts --update {settings.update}"
         )

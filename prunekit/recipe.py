@@ -113,7 +113,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "refit_basis_every": _f(int, 0, "EKFAC eigenbasis refit period (0 = keep)", low=0),
         "masked_scaling": _f(bool, False, "EKFAC scaling from masked gradients (slow)"),
         "compensate": _f(bool, False, "OBS update of surviving weights (= update: summed)"),
-        "update": _f(str, "none", "OBS update of surviving weights", choices="update"),
+        "update": _f(str, "auto", "OBS update of surviving weights", choices="update"),
         "shots": _f(int, 1, "curvature re-estimations per pruning step", low=1, cap=MAX_SHOTS),
         "structure": _f(str, "unstructured", "single weights or whole units", choices="structure"),
     },

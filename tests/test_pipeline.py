@@ -138,8 +138,8 @@ def test_paper_mode_changes_weights_only_in_the_final_finetune(fresh, digits):
 @pytest.fixture(scope="module")
 def compensation_runs(digits_model_file, digits):
     kw = {"criterion": "obd", "fisher": "ekfac", "sparsity": 0.6, "steps": 2,
-          "finetune_epochs": 0, "final_epochs": 0}  # fmt: skip
-    runs = {}
+          "finetune_epochs": 0, "final_epochs": 0, "update": "none"}  # fmt: skip
+    runs = {}  # update 'none': auto would be 'rows' without fine-tuning
     for compensate in (False, True):
         model = load_model(digits_model_file).model
         runs[compensate] = run_pruning(model, digits, settings(compensate=compensate, **kw))

@@ -246,3 +246,42 @@ def test_many_classes_default_to_sampled_labels_everywhere():
     few = run_pruning(copy.deepcopy(mlp("8,12,3")), load_data("synthetic?n=120&dim=8&classes=3"),
                       PruneSettings(**(BASE | {"steps": 1})))  # fmt: skip
     assert few.report["fisher_labels"] == "exact"
+
+
+@pytest.mark.parametrize(
+    ("kw", "mode"),
+    [
+        ({}, "none"),  # the CLI budget fine-tunes: fine-tuning recovers better than updates
+        ({"finetune_epochs": 0.0, "final_epochs": 0.0}, "rows"),
+        ({"finetune_epochs": 0.0, "final_epochs": 1.0}, "none"),
+        ({"finetune_epochs": 0.0, "final_epochs": 0.0, "criterion": "obs"}, "rows"),
+        ({"finetune_epochs": 0.0, "final_epochs": 0.0, "criterion": "magnitude"}, "none"),
+        ({"finetune_epochs": 0.0, "final_epochs": 0.0, "fisher": "diag"}, "none"),
+        ({"finetune_epochs": 0.0, "final_epochs": 0.0, "criterion": "sparsegpt"}, "none"),
+        ({"finetune_epochs": 0.0, "final_epochs": 0.0, "structure": "units"}, "none"),
+        ({"finetune_epochs": 0.0, "final_epochs": 0.0, "compensate": True}, "summed"),
+        ({"update": "joint"}, "joint"),
+    ],
+)
+def test_auto_update_is_rows_only_without_any_fine_tuning(kw, mode):
+    assert PruneSettings(**kw).update == ("auto" if "update" not in kw else kw["update"])
+    assert PruneSettings(**kw).update_mode == mode
+
+
+def test_auto_update_one_shot_run_applies_and_records_the_rows_update(data, dense):
+    kw = dict(finetune_epochs=0.0, final_epochs=0.0, score_examples=60, sparsity=0.8)
+    auto = _run(dense, data, **kw)
+    assert auto.report["update"] == {
+        "mode": "rows", "requested": "auto", "shots": 1, "damping_chosen_on": "train[60:96]"
+    }  # fmt: skip
+    plain = _run(dense, data, update="none", **kw)
+    assert plain.report["update"] == {"mode": "none", "requested": "none", "shots": 1}
+    for row in auto.metrics[1:]:
+        assert set(row["update_damping"]) == {"1.weight", "3.weight"}
+        assert "loss_after_compensation" in row
+    params = dict(auto.model.named_parameters())
+    assert all(not params[n][~m].any() for n, m in auto.masks.items())
+    chosen = [v for row in auto.metrics[1:] for v in row["update_damping"].values()]
+    assert any(v != "none" for v in chosen)  # this model takes the update...
+    other = dict(plain.model.named_parameters())
+    assert any(not torch.equal(params[n], other[n]) for n in auto.masks)  # ...and it moved
