@@ -11,7 +11,8 @@ mode through ``prunekit.loop.run_pruning`` with finetune_epochs=0 and final_epoc
 and 10 steps): wanda, the default (obd on EKFAC with ``update='auto'``, which is the
 row-form update in a run without fine-tuning), obd without an update, obd on the exact
 diagonal, obs with the summed, the joint and the row-form update, multi-shot steps,
-sparsegpt, as far as this checkout has them. Accuracy on the validation split. Prints the issue's GOAL lines.
+sparsegpt, as far as this checkout has them. Accuracy on the validation split. Prints
+the issue's GOAL lines.
 
     .venv/bin/python bench/bench_oneshot.py [--quick]
 """
