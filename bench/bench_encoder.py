@@ -102,6 +102,8 @@ QUALITY_MODES = [  # (label, prune() overrides, sparsities it runs at (None = al
     ("obd + cosine schedule", {"criterion": "obd", "lr_schedule": "cosine"}, (0.5, 0.7)),
     ("obs + joint update", {"criterion": "obs", "update": "joint"}, (0.5, 0.7)),
     ("obd, shots 4", {"criterion": "obd", "shots": 4}, (0.7,)),
+    ("obd + rows update", {"criterion": "obd", "update": "rows"}, (0.7,)),
+    ("obs + rows update", {"criterion": "obs", "update": "rows"}, (0.7,)),
 ]
 GOAL_CENTERED_70 = 0.99425  # halfway from 0.9885 (obd at 70%, 2026-11-29) to 1.0
 BUDGET_S = 25 * 60  # the whole bench (issue 16): later modes are skipped past it
@@ -696,8 +698,19 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--skip-cost", action="store_true", help="only the quality part")
     parser.add_argument("--skip-quality", action="store_true", help="only the cost part")
+    parser.add_argument(
+        "--modes", help="quality part with only these mode labels (comma-separated; obd and "
+        "magnitude always run) at --sparsities; writes the section encoder_modes"
+    )  # fmt: skip
+    parser.add_argument("--sparsities", help="with --modes: comma-separated, e.g. 0.7")
     args = parser.parse_args()
     cfg = QUICK if args.quick else FULL
+    if args.modes:
+        keep = {OBD, MAGNITUDE, *args.modes.split(",")}
+        QUALITY_MODES[:] = [m for m in QUALITY_MODES if m[0] in keep]
+        if args.sparsities:
+            chosen = tuple(float(v) for v in args.sparsities.split(","))
+            cfg = replace(cfg, sparsities=chosen)
     if args.child:
         child(cfg, args.child)
         return
@@ -721,7 +734,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if {"--quick", "--child", "--skip-cost", "--skip-quality"} & set(sys.argv):
+    if "--modes" in sys.argv and not {"--quick", "--child"} & set(sys.argv):
+        with stdout_to_section("encoder_modes", TITLE + ": selected modes (`--modes`)"):
+            main()
+    elif {"--quick", "--child", "--skip-cost", "--skip-quality"} & set(sys.argv):
         main()
     else:
         with stdout_to_section("encoder", TITLE):
