@@ -34,7 +34,7 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     Returns (criterion, schedule values, targets). Raises PrunekitError subclasses.
     """
     crit = make_run_criterion(settings)
-    _check_step_modes(settings, crit)
+    check_step_modes(settings, crit)
     check_data_fits(model, data, task)
     classes = data.num_classes if data.kind == "classification" else None
     labels = resolved_labels(crit, task, classes) if crit.uses_curvature else None
@@ -57,7 +57,7 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     return crit, sparsities, targets
 
 
-def _check_step_modes(settings: PruneSettings, crit) -> None:
+def check_step_modes(settings: PruneSettings, crit) -> None:
     """update, shots, structure and distill_weight: valid values, and combinations that work."""
     if settings.update not in UPDATES:
         raise choice_error("update", settings.update, UPDATES)

@@ -30,6 +30,7 @@ from prunekit.export.modes import QuantizationRefused
 from prunekit.finetune import AUTO, LR_CANDIDATES, LR_SCHEDULES, OPTIMIZERS, PROBE_STEPS
 from prunekit.loop import run_pruning
 from prunekit.models import EXAMPLES
+from prunekit.preflight import check_step_modes
 from prunekit.prune.masks import SCOPES
 from prunekit.prune.schedules import SCHEDULES, schedule
 from prunekit.prune.state import write_json
@@ -237,7 +238,7 @@ def validate_recipe(recipe: dict) -> dict:
     'steps': schedule values}. Raises PrunekitError subclasses naming the bad value.
     """
     settings = settings_from_recipe(recipe)
-    make_run_criterion(settings)
+    check_step_modes(settings, make_run_criterion(settings))  # update, shots, structure
     sparsities = schedule(settings.sparsity, settings.steps, settings.schedule)
     if settings.scope not in SCOPES:
         raise choice_error("scope", settings.scope, SCOPES)

@@ -210,6 +210,7 @@ IMPOSSIBLE = {
     "scope diagonal": ("criterion", "scope", "diagonal", ["'diagonal'", "global, layer"]),
     "schedule quad": ("schedule", "kind", "quad", ["'quad'", "cubic, exp, linear"]),
     "fisher dense": ("criterion", "fisher", "dense", ["'dense'", "diag, ekfac, kfac"]),
+    "update code": ("criterion", "update", "os:system", ["'os:system'", "auto", "rows"]),
     "lr negative": ("finetune", "lr", -1.0, ["-1.0"]),
     "optimizer adam": ("finetune", "optimizer", "adam", ["'adam'", "adamw, sgd"]),
     "include matches nothing": ("targets", "include", ["nomatch*"], ["nomatch*"]),
@@ -233,7 +234,9 @@ def test_impossible_value_is_rejected_by_validate_naming_it(tmp_path, base, name
         assert part in str(info.value), (part, str(info.value))
 
 
-@pytest.mark.parametrize("name", ["final 1.0", "steps 0", "criterion foo", "scope diagonal"])
+@pytest.mark.parametrize(
+    "name", ["final 1.0", "steps 0", "criterion foo", "scope diagonal", "update code"]
+)
 def test_impossible_value_is_a_recipe_error_with_key_and_line(tmp_path, base, name):
     path, _ = impossible_case(tmp_path, base, name)
     section, key, _, _ = IMPOSSIBLE[name]

@@ -108,6 +108,8 @@ BAD = [
     ({"update": "both"}, "update 'both'"),
     ({"update": "joint", "criterion": "magnitude"}, "--update joint needs a curvature"),
     ({"update": "summed", "fisher": "diag"}, "--update summed needs a curvature"),
+    ({"update": "rows", "criterion": "wanda"}, "--update rows needs a curvature"),
+    ({"update": "rows", "criterion": "sparsegpt"}, "--update rows does nothing"),
     ({"compensate": True, "update": "joint"}, "contradicts --update joint"),
     ({"shots": 0}, "--shots 0"),
     ({"shots": 3, "criterion": "magnitude"}, "--shots 3 does nothing"),
