@@ -120,15 +120,18 @@ def joint_obs_rows(weight: Tensor, hessian: Tensor, keep: Tensor, damping: float
             by_kept,
             sizes,
             lambda rows, m: _solve_rows(out, rhs, h, rows, cols[rows, :m], sizes[rows]),
+            lambda m: m * m,
         )
     by_removed = (sizes > removed) & (removed > 0)
     if bool(by_removed.any()):
         hinv = torch.cholesky_inverse(factor)
         cols = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # Q first
+        width = w.shape[1]  # each row also gathers m rows of H^-1
         _in_chunks(
             by_removed,
             removed,
             lambda rows, m: _solve_removed(out, w, hinv, rows, cols[rows, :m], removed[rows]),
+            lambda m: m * m + m * width,
         )
     return torch.where(keep, out, torch.zeros_like(out)).to(weight.dtype)
 
@@ -163,16 +166,19 @@ def obs_rows_fast(
     return out
 
 
-def _in_chunks(selected: Tensor, sizes: Tensor, solve) -> None:
+def _in_chunks(selected: Tensor, sizes: Tensor, solve, entries) -> None:
     """Call ``solve(rows, m)`` on chunks of the ``selected`` rows sorted by ``sizes``, each
-    chunk's padded (rows, m, m) systems within ``_SOLVE_ENTRIES`` (one row at least)."""
+    chunk within ``_SOLVE_ENTRIES`` float64 entries (one row at least), a row of padded
+    size m holding ``entries(m)`` of them."""
     order = torch.nonzero(selected).flatten()
     order = order[torch.argsort(sizes[order], stable=True)]
     sorted_sizes = sizes[order].tolist()
     start = 0
     while start < len(order):
         stop = start + 1  # rows sorted by size: grow the chunk while its padded systems fit
-        while stop < len(order) and (stop - start + 1) * sorted_sizes[stop] ** 2 <= _SOLVE_ENTRIES:
+        while (
+            stop < len(order) and (stop - start + 1) * entries(sorted_sizes[stop]) <= _SOLVE_ENTRIES
+        ):
             stop += 1
         rows = order[start:stop]
         solve(rows, int(sizes[rows].max()))

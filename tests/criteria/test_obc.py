@@ -336,3 +336,24 @@ def test_obs_rows_fast_is_exact_below_exact_max_and_sequential_above():
     plain = torch.zeros_like(w)
     plain[rest] = sparsegpt_rows(w[rest], x @ x.T, n_prune, keep[rest], damping=0.02)[0]
     assert err(exact) <= err(fast) < err(zeroed) < err(plain)
+
+
+def test_joint_obs_rows_bounds_the_gathered_rows_of_the_inverse(monkeypatch):
+    """The removed-set form gathers m rows of H^-1 (width i') per row: chunks count them."""
+    o, n = 16, 12
+    x = correlated_inputs(n, 40, seed=14)
+    w = torch.randn(o, n, generator=torch.Generator().manual_seed(15), dtype=D)
+    keep = torch.ones(o, n, dtype=torch.bool)
+    keep[:, :2] = False  # 2 removed of 12 per row: every row takes the removed-set form
+    whole = joint_obs_rows(w, x @ x.T, keep)
+    seen = []
+    real = obc._solve_removed
+
+    def spy(out, w_, hinv, rows, idx, sizes):
+        seen.append((len(rows), idx.shape[1]))
+        return real(out, w_, hinv, rows, idx, sizes)
+
+    monkeypatch.setattr(obc, "_solve_removed", spy)
+    monkeypatch.setattr(obc, "_SOLVE_ENTRIES", 4 * (2 * 2 + 2 * n))  # 4 rows per chunk
+    torch.testing.assert_close(joint_obs_rows(w, x @ x.T, keep), whole, atol=1e-12, rtol=0)
+    assert seen == [(4, 2)] * 4
