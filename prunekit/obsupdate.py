@@ -77,18 +77,21 @@ def choose_damping(
         with torch.no_grad():
             _apply(params, before, chosen)
             apply_masks(model, masks)
+            current = None  # loss of the model as chosen so far (later layers: no update)
             for layer in layers:
                 options = {NONE: None, **{d: candidates[d] for d in DAMPINGS}}
-                losses = {}
+                # 'none' for this layer IS the state chosen so far: its loss is known
+                losses = {} if current is None else {NONE: current}
                 for key, deltas in options.items():
-                    _set_layer(params, before, chosen, deltas, layer, biases, masks)
-                    losses[key] = _loss(model, task, batches)
+                    if key not in losses:
+                        _set_layer(params, before, chosen, deltas, layer, biases, masks)
+                        losses[key] = _loss(model, task, batches)
                 best = min(losses, key=lambda k: (losses[k], k == NONE))
                 if best != NONE:
                     for n in _layer_params(candidates[best], layer, biases):
                         chosen[n] = candidates[best][n]
                 _set_layer(params, before, chosen, None, layer, biases, masks)
-                choice[layer] = best
+                choice[layer], current = best, losses[best]
     finally:
         with torch.no_grad():
             for n, p in params.items():

@@ -287,3 +287,51 @@ def test_auto_update_one_shot_run_applies_and_records_the_rows_update(data, dens
     assert any(v != "none" for v in chosen)  # this model takes the update...
     other = dict(plain.model.named_parameters())
     assert any(not torch.equal(params[n], other[n]) for n in auto.masks)  # ...and it moved
+
+
+def test_damping_choice_reuses_the_no_update_loss_and_chooses_as_a_full_search(data, dense,
+                                                                               monkeypatch):
+    """'none' for layer k+1 is the state chosen after layer k: 1 + 3 x layers evaluations,
+    and the same choice as evaluating all 4 candidates of every layer afresh."""
+    import prunekit.obsupdate as ou
+    from prunekit.finetune import evaluate
+    from prunekit.prune.masks import apply_masks, next_masks
+    from prunekit.prune.targets import find_targets
+    from prunekit.settings import make_run_criterion
+
+    model = copy.deepcopy(dense)
+    task, targets = ClassificationTask(), find_targets(model)
+    scored = make_run_criterion(PruneSettings(criterion="obd")).evaluate(
+        model, task, targets, data.first_train(60)
+    )
+    full = {n: torch.ones(t.shape, dtype=bool) for n, t in targets.items()}
+    masks = next_masks(scored.scores, full, 0.7)
+    held, _ = ou.held_out_batches(data, 60, "cpu")
+    calls = []
+    real = ou._loss
+    monkeypatch.setattr(ou, "_loss", lambda *a: calls.append(1) or real(*a))
+    _, choice = ou.choose_damping(model, task, scored.curvature, masks, held, "rows")
+    assert len(calls) == 1 + 3 * len(choice)
+    # reference: every candidate of every layer evaluated, in forward order
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    cands = {d: ou.rows_update(scored.curvature, params, masks, damping=d) for d in ou.DAMPINGS}
+    state = {n: torch.where(~masks[n], -before[n], torch.zeros_like(before[n])) for n in masks}
+    want = {}
+    for layer in choice:
+        bias = layer.replace("weight", "bias")
+        losses = {}
+        for key in (ou.NONE, *ou.DAMPINGS):
+            trial = dict(state)
+            if key != ou.NONE:
+                trial.update({n: cands[key][n] for n in (layer, bias)})
+            probe = copy.deepcopy(model)
+            with torch.no_grad():
+                for n, p in probe.named_parameters():
+                    p.copy_(before[n] + trial.get(n, torch.zeros_like(p)))
+            apply_masks(probe, masks)
+            losses[key] = float(evaluate(probe, task, held)["loss"])
+        want[layer] = min(losses, key=lambda k: (losses[k], k == ou.NONE))
+        if want[layer] != ou.NONE:
+            state.update({n: cands[want[layer]][n] for n in (layer, bias)})
+    assert choice == want
