@@ -65,12 +65,20 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def print_summary(report: dict, out) -> None:
-    """The end-of-run table: dense / pruned / fine-tuned metrics and the sparsity line."""
-    table = Table(title=f"prunekit {report['criterion']} -> {out}")
+    """The end-of-run table: dense / pruned / fine-tuned metrics and the sparsity line (the
+    last row is 'after update' or 'final' in a run that fine-tunes nowhere; 'pruned' is
+    right after the last removal, before its update)."""
+    mode = report.get("update", {}).get("mode", "none")
+    update = f" + {mode} update" if mode != "none" else ""
+    table = Table(title=f"prunekit {report['criterion']}{update} -> {out}")
     extra = [k for k in ("cosine", "agreement") if k in report["metrics"]["dense"]]
     for col in ("model", "loss", "accuracy", *extra):
         table.add_column(col, justify="right" if col != "model" else "left")
-    for key, label in (("dense", "dense"), ("pruned", "pruned"), ("finetuned", "fine-tuned")):
+    run = report.get("settings", {})
+    tuned = run.get("finetune_epochs", 1) or run.get("final_epochs", 1)
+    last = "fine-tuned" if tuned else ("after update" if update else "final")
+    rows = (("dense", "dense"), ("pruned", "pruned"), ("finetuned", last))
+    for key, label in rows:
         m = report["metrics"][key]
         table.add_row(label, fmt(m["loss"]), fmt(m["accuracy"]), *(fmt(m[k]) for k in extra))
     out_console.print(table)
