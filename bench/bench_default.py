@@ -8,11 +8,13 @@ batches and the Fisher label draws, not the dense model). Models:
 
 - paper: the 784-300-100-10 tanh MLP that `prunekit example mlp-mnist` trains (SGD);
 - adam: a 784-256-128-10 GELU MLP trained here with AdamW (lr 1e-3, weight decay 0.01,
-  15 epochs): a checkpoint prunekit's own recipe did not make.
+  15 epochs): a checkpoint prunekit's own recipe did not make;
+- digits: the 64-128-64-10 tanh MLP of `prunekit example mlp-digits` on scikit-learn's
+  digits (about 1,440 training examples: one epoch is 15 batches).
 
-Both on mnist5k (4,000 train / 1,000 validation). Writes the section `default_<model>`.
+paper and adam on mnist5k (4,000 train / 1,000 validation). Writes `default_<model>`.
 
-    .venv/bin/python bench/bench_default.py [--model paper|adam] [--seeds 4]
+    .venv/bin/python bench/bench_default.py [--model paper|adam|digits] [--seeds 4]
 """
 
 from __future__ import annotations
@@ -62,6 +64,20 @@ def paper_mlp():
     return model, load_data(name, seed=0), dense
 
 
+def digits_mlp():
+    """`prunekit example mlp-digits`: 64-128-64-10 tanh on scikit-learn's 8x8 digits."""
+    model, _arch, name, dense = train_example("mlp-digits", seed=0)
+    return model, load_data(name, seed=0), dense
+
+
+BUILDERS = {"paper": paper_mlp, "adam": adam_gelu, "digits": digits_mlp}
+NAMES = {
+    "paper": "the paper's MNIST MLP (SGD)",
+    "adam": "an AdamW-trained GELU MLP",
+    "digits": "the digits MLP (`prunekit example mlp-digits`)",
+}
+
+
 def run(dense, data, over: dict, sparsity: float, seeds: int) -> tuple[list[float], float]:
     """Validation accuracies (%) per seed and mean seconds of one mode at the CLI budget."""
     accs, secs = [], []
@@ -77,10 +93,10 @@ def run(dense, data, over: dict, sparsity: float, seeds: int) -> tuple[list[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("paper", "adam"), default="paper")
+    parser.add_argument("--model", choices=tuple(BUILDERS), default="paper")
     parser.add_argument("--seeds", type=int, default=4)
     args = parser.parse_args()
-    dense, data, metrics = (paper_mlp if args.model == "paper" else adam_gelu)()
+    dense, data, metrics = BUILDERS[args.model]()
     print(f"dense: {metrics}", file=sys.stderr, flush=True)
     means: dict[str, dict[float, float]] = {}
     rows = []
@@ -107,8 +123,7 @@ def main() -> None:
         f"cell; the CLI's default budget for every row.\n\n"
         + markdown_table(heads, rows) + "\n\n" + "\n".join(verdicts)
     )  # fmt: skip
-    name = {"paper": "the paper's MNIST MLP (SGD)", "adam": "an AdamW-trained GELU MLP"}
-    title = f"Default vs other modes at the default budget: {name[args.model]}"
+    title = f"Default vs other modes at the default budget: {NAMES[args.model]}"
     update_section(
         f"default_{args.model}", title,
         f".venv/bin/python bench/bench_default.py --model {args.model} --seeds {args.seeds}",
