@@ -25,8 +25,17 @@ def symmetric_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     """(eigenvalues clamped at 0, eigenvectors) of a batch of PSD matrices, in m's dtype.
 
     Rounding can make tiny eigenvalues of a PSD matrix negative; they are clamped to 0.
+    A float32 factor with many exactly-zero rows (the output factor G of a layer whose
+    units were all pruned) can make float32 ``eigh`` fail to converge or return NaN; it is
+    then decomposed in float64 and cast back (deterministic: same input, same path).
     """
-    vals, vecs = torch.linalg.eigh(m)
+    try:
+        vals, vecs = torch.linalg.eigh(m)
+        ok = bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all())
+    except torch.linalg.LinAlgError:
+        ok = False
+    if not ok and m.dtype != torch.float64:
+        vals, vecs = (t.to(m.dtype) for t in torch.linalg.eigh(m.double()))
     return vals.clamp_min(0), vecs
 
 
