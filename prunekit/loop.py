@@ -49,6 +49,7 @@ from prunekit.ranks import RankSlice, label_key, rank_and_world, score_batches_o
 from prunekit.report import build_report, data_report, finetune_report, task_report
 from prunekit.resume import restore_state, resume_plan, save_state
 from prunekit.settings import (
+    DAMPED_UPDATES,
     Progress,
     PruneResult,
     PruneSettings,
@@ -268,7 +269,7 @@ def _start_run(model, data, settings, task, progress) -> tuple[_Run, object, lis
     if settings.structure == "units":
         run.units = plan_units(model, task, data, targets, settings)
         run.masks = {**run.masks, **run.units.full_masks()}  # biases, BatchNorm: resume sees them
-    if settings.update_mode in ("joint", "rows"):
+    if settings.update_mode in DAMPED_UPDATES:
         device = next(model.parameters()).device
         run.held_out, run.held_out_source = held_out_batches(data, settings.score_examples, device)
     return run, crit, sparsities

@@ -3,9 +3,9 @@
 'summed' adds up single-weight OBS updates (``criteria.obs_update``, damping 1e-3 as
 before); 'joint' solves the joint system per layer (``criteria.joint_update``, both
 Kronecker factors, conjugate gradients); 'rows' solves it per output row against the
-layer's input factor A (``criteria.rows_update``, the OBC/SparseGPT reconstruction form,
-one Cholesky solve per row). A bad damping makes an OBS update worse than none (oBERT's
-warning), so for 'joint' and 'rows' the damping
+layer's input factor A (``criteria.rows_update``, the OBC/SparseGPT reconstruction form:
+exact where a row is cheap to solve, SparseGPT's sequential pass elsewhere). A bad damping
+makes an OBS update worse than none (oBERT's warning), so for 'joint' and 'rows' the damping
 of each layer is chosen on HELD-OUT training examples (those after the scoring examples;
 the validation set when the training set has none left): layer by layer in target order,
 each candidate of ``DAMPINGS`` (and no update at all) is applied to that layer alone, on top

@@ -38,7 +38,14 @@ from prunekit.prune.targets import find_targets
 from prunekit.recipe import evaluate_checks, load_recipe, recipe_hash
 from prunekit.report import write_run
 from prunekit.resume import has_checkpoint
-from prunekit.settings import STRUCTURES, UPDATES, Progress, PruneSettings, make_run_criterion
+from prunekit.settings import (
+    DAMPED_UPDATES,
+    STRUCTURES,
+    UPDATES,
+    Progress,
+    PruneSettings,
+    make_run_criterion,
+)
 from prunekit.tasks import DISTILL_METRICS, LOSSES, load_task
 from prunekit.trust import check_file_spec
 
@@ -359,10 +366,10 @@ def explain_recipe(recipe: dict) -> dict:
         notes.append("global scope: per-layer sparsity depends on the scores (known after run)")
     if settings.shots > 1:
         notes.append(f"shots {settings.shots}: every step scores {settings.shots} times (counted)")
-    if settings.update_mode in ("joint", "rows"):
+    if settings.update_mode in DAMPED_UPDATES:
         notes.append(
-            f"{settings.update_mode} update: per step and factored layer, 4 evaluations of up "
-            "to 256 held-out examples choose the damping (not counted)"
+            f"{settings.update_mode} update: per step, 3 evaluations per factored layer (plus "
+            "one) of up to 256 held-out examples choose the damping (not counted)"
         )
     if settings.loss == "distill":
         notes.append(

@@ -21,6 +21,7 @@ from prunekit.types import Masks, Task
 Progress = Callable[[str, int, int], None]
 DEVICES = ("cpu", "cuda", "auto")
 UPDATES = ("auto", "none", "summed", "joint", "rows")
+DAMPED_UPDATES = ("joint", "rows")  # updates whose damping is chosen on held-out examples
 STRUCTURES = ("unstructured", "units")
 
 
