@@ -399,7 +399,7 @@ def goals(keys, res, sparsities) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="90% only, short training, no write")
+    parser.add_argument("--quick", action="store_true", help="90%% only, short training, no write")
     args = parser.parse_args()
     t0 = time.perf_counter()
     data = load_data("mnist5k", seed=0)
