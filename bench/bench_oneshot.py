@@ -210,7 +210,8 @@ def summed() -> dict:
 PRUNEKIT = [  # (label, PruneSettings overrides, step counts)
     ("prunekit magnitude", {"criterion": "magnitude"}, (1,)),
     ("prunekit wanda", {"criterion": "wanda"}, (1, 10)),
-    ("prunekit default: obd, EKFAC, update auto (= rows here)", {}, (1, 10)),
+    ("prunekit default: obd, EKFAC, update auto (= rows here), shots auto", {}, (1, 10)),
+    ("prunekit default with --shots 1", {"shots": 1}, (1,)),
     ("prunekit obd, EKFAC, no update", {"criterion": "obd", "update": "none"}, (1, 10)),
     (
         "prunekit obd, exact diag",
@@ -226,7 +227,7 @@ PRUNEKIT = [  # (label, PruneSettings overrides, step counts)
     ("prunekit obs + joint, shots 16", {"criterion": "obs", "update": "joint", "shots": 16}, (1,)),
     ("prunekit sparsegpt", {"criterion": "sparsegpt"}, (1, 10)),
 ]
-DEFAULT_OBD = "prunekit default: obd, EKFAC, update auto (= rows here)"
+DEFAULT_OBD = "prunekit default: obd, EKFAC, update auto (= rows here), shots auto"
 
 
 def missing(settings: dict) -> list[str]:

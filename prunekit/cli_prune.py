@@ -120,9 +120,12 @@ def prune(
         False, help="Same as --update summed (kept for older scripts).", rich_help_panel=CURVATURE
     ),
     shots: int = typer.Option(
-        1,
+        0,
         help="Curvature re-estimations per pruning step: the step's weights are removed in "
-        "this many equal slices, scored again before each (locality inside the step).",
+        "this many equal slices, scored again before each (locality inside the step). "
+        "0 = auto: 1, except in a run with the rows update and no fine-tuning anywhere, "
+        "where ceil(10 / steps) (at least 10 re-estimations in all: one step at 95% on the "
+        "bench MLP 88.4% with 10 shots, 82.0% with 1, magnitude 83.5%).",
         rich_help_panel=CURVATURE,
     ),
     structure: str = typer.Option(

@@ -22,7 +22,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "seed": (0, MAX_SEED, True),
     "steps": (1, MAX_STEPS, True),
     "samples": (1, MAX_SAMPLES, True),
-    "shots": (1, MAX_SHOTS, True),
+    "shots": (0, MAX_SHOTS, True),  # 0 = auto (PruneSettings.shot_count)
     "score_examples": (1, MAX_EXAMPLES, True),
     "score_batch_size": (1, MAX_EXAMPLES, True),
     "batch_size": (1, MAX_EXAMPLES, True),

@@ -343,8 +343,8 @@ def _prune_step(run: _Run, crit, score_batches, k: int, target: float, n_steps: 
     """Score, mask, (update), fine-tune and record step ``k`` of ``n_steps``."""
     t0 = time.perf_counter()
     model, task, settings = run.model, run.task, run.settings
-    start = sparsity_of(run.masks)[0] if settings.shots > 1 else target
-    shots = _shot_targets(start, target, settings.shots)
+    start = sparsity_of(run.masks)[0] if settings.shot_count > 1 else target
+    shots = _shot_targets(start, target, settings.shot_count)
     units = {}
     if run.units is not None:  # whole units: scored by group, masks over every member
         units = unit_step(run, crit, score_batches, label_key(settings.seed, k), target)
@@ -441,7 +441,7 @@ def _finish(run: _Run, crit, teacher, final_ntk, start: float, final: dict | Non
     report["update"] = {
         "mode": settings.update_mode,
         "requested": settings.update,
-        "shots": settings.shots,
+        "shots": settings.shot_count,
     }
     shrunk = None
     if run.units is not None:

@@ -59,12 +59,13 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
 
 def check_step_modes(settings: PruneSettings, crit) -> None:
     """update, shots, structure and distill_weight: valid values, and combinations that work."""
+    check_bound("shots", settings.shots, "--shots")  # an integer before shot_count reads it
     if settings.update not in UPDATES:
         raise choice_error("update", settings.update, UPDATES)
     if settings.structure not in STRUCTURES:
         raise choice_error("structure", settings.structure, STRUCTURES)
     if settings.structure == "units":
-        idle = {"--shots": settings.shots > 1, "--update": settings.update_mode != "none"}
+        idle = {"--shots": settings.shot_count > 1, "--update": settings.update_mode != "none"}
         idle[f"--criterion {settings.criterion}"] = getattr(crit, "reconstructs", False)
         for flag, used in idle.items():
             if used:
@@ -76,7 +77,6 @@ def check_step_modes(settings: PruneSettings, crit) -> None:
         raise SettingError(
             f"--compensate is --update summed; it contradicts --update {settings.update}"
         )
-    check_bound("shots", settings.shots, "--shots")
     mode = settings.update_mode
     reconstructs = getattr(crit, "reconstructs", False)
     if mode != "none" and reconstructs:
@@ -89,10 +89,10 @@ def check_step_modes(settings: PruneSettings, crit) -> None:
             f"--update {mode} needs a curvature criterion (obd, qm, obs) on kfac or ekfac, "
             f"not {settings.criterion!r} with fisher {crit.fisher!r}"
         )
-    if settings.shots > 1 and settings.criterion == "magnitude" and mode == "none":
+    if settings.shot_count > 1 and settings.criterion == "magnitude" and mode == "none":
         raise SettingError(
-            f"--shots {settings.shots} does nothing with criterion 'magnitude' (the weights do "
-            "not change between shots); drop it, or choose a curvature criterion"
+            f"--shots {settings.shot_count} does nothing with criterion 'magnitude' (the "
+            "weights do not change between shots); drop it, or choose a curvature criterion"
         )
 
 

@@ -114,7 +114,9 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "masked_scaling": _f(bool, False, "EKFAC scaling from masked gradients (slow)"),
         "compensate": _f(bool, False, "OBS update of surviving weights (= update: summed)"),
         "update": _f(str, "auto", "OBS update of surviving weights", choices="update"),
-        "shots": _f(int, 1, "curvature re-estimations per pruning step", low=1, cap=MAX_SHOTS),
+        "shots": _f(
+            int, 0, "curvature re-estimations per pruning step (0 = auto)", low=0, cap=MAX_SHOTS
+        ),
         "structure": _f(str, "unstructured", "single weights or whole units", choices="structure"),
     },
     "schedule": {

@@ -336,7 +336,7 @@ def explain_recipe(recipe: dict) -> dict:
         score_bwd = n_score * (int(crit.uses_gradient) + passes * terms)
         if getattr(crit, "reconstructs", False):  # one calibration forward per target layer
             score_fwd += n_score * len(checked["targets"] or {})
-        score_fwd, score_bwd = score_fwd * settings.shots, score_bwd * settings.shots
+        score_fwd, score_bwd = score_fwd * settings.shot_count, score_bwd * settings.shot_count
         ft = settings.finetune_epochs * n_train
         rows.append(
             {
@@ -364,8 +364,12 @@ def explain_recipe(recipe: dict) -> dict:
     ]
     if settings.scope == "global":
         notes.append("global scope: per-layer sparsity depends on the scores (known after run)")
-    if settings.shots > 1:
-        notes.append(f"shots {settings.shots}: every step scores {settings.shots} times (counted)")
+    if settings.shot_count > 1:
+        auto = " (auto: no fine-tuning)" if settings.shots == 0 else ""
+        notes.append(
+            f"shots {settings.shot_count}{auto}: every step scores {settings.shot_count} times "
+            "(counted)"
+        )
     if settings.update_mode in DAMPED_UPDATES:
         notes.append(
             f"{settings.update_mode} update: per step, 3 evaluations per factored layer (plus "

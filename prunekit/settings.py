@@ -22,6 +22,7 @@ Progress = Callable[[str, int, int], None]
 DEVICES = ("cpu", "cuda", "auto")
 UPDATES = ("auto", "none", "summed", "joint", "rows")
 DAMPED_UPDATES = ("joint", "rows")  # updates whose damping is chosen on held-out examples
+ONE_SHOT_ESTIMATES = 10  # curvature fits a run without fine-tuning gets at least (auto shots)
 STRUCTURES = ("unstructured", "units")
 
 
@@ -66,10 +67,11 @@ class PruneSettings:
     loss (1 - w) * task loss + w * distillation to the dense model's outputs (kl at
     ``temperature`` for logits; 0 = off; ``loss='distill'`` is w = 1 without labels);
     shots: curvature re-estimations per pruning step, the step's weights removed in that
-    many equal slices; update: what the surviving weights of a factored layer get when
-    weights are removed: 'auto' (``auto_update``: 'rows' for a run without any
-    fine-tuning, else 'none'), 'none', 'summed' (single-weight OBS updates added up = the old
-    ``compensate``), 'joint' (the exact OBS update for all removed weights at once,
+    many equal slices (0 = auto, see ``shot_count``); update: what the surviving weights
+    of a factored layer get when weights are removed: 'auto' (``auto_update``: 'rows' for
+    a run without any fine-tuning, else 'none'), 'none', 'summed' (single-weight OBS
+    updates added up = the old ``compensate``), 'joint' (the exact OBS update for all
+    removed weights at once,
     correlations included) or 'rows' (the same per output row against the layer's input
     factor A only, the OBC/SparseGPT form; cheap); joint and rows choose their damping per
     layer on held-out training examples;
@@ -115,7 +117,7 @@ class PruneSettings:
     finetune_checkpoints: int = 1
     lr_schedule: str = "constant"
     distill_weight: float = 0.0
-    shots: int = 1
+    shots: int = 0
     update: str = "auto"
     structure: str = "unstructured"
 
@@ -126,6 +128,21 @@ class PruneSettings:
         if self.compensate and self.update in ("none", "auto"):
             return "summed"
         return self.auto_update() if self.update == "auto" else self.update
+
+    @property
+    def shot_count(self) -> int:
+        """Curvature re-estimations per step in force: ``shots``, or for 0 (auto) 1, except
+        in a run that applies the rows update and fine-tunes nowhere: ceil(10 / steps), so
+        that the run re-estimates at least 10 times in all. Measured (BENCHMARKS.md
+        `oneshot`, 784-40-20-10 MLP, 95%, no fine-tuning): one step 82.0% with 1 shot,
+        88.4% with 10; 10 steps of 1 shot 91.9%; magnitude 83.5%."""
+        if self.shots > 0:
+            return self.shots
+        one_shot = self.finetune_epochs <= 0 and self.final_epochs <= 0
+        steps = self.steps if isinstance(self.steps, int) and self.steps >= 1 else 1  # unchecked
+        if one_shot and self.update_mode == "rows" and steps < ONE_SHOT_ESTIMATES:
+            return -(-ONE_SHOT_ESTIMATES // steps)
+        return 1
 
     def auto_update(self) -> str:
         """What ``update='auto'`` means for these settings: 'rows' when the run fine-tunes

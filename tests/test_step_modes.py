@@ -111,7 +111,7 @@ BAD = [
     ({"update": "rows", "criterion": "wanda"}, "--update rows needs a curvature"),
     ({"update": "rows", "criterion": "sparsegpt"}, "--update rows does nothing"),
     ({"compensate": True, "update": "joint"}, "contradicts --update joint"),
-    ({"shots": 0}, "--shots 0"),
+    ({"shots": -1}, "--shots -1"),
     ({"shots": 3, "criterion": "magnitude"}, "--shots 3 does nothing"),
     ({"structure": "rows"}, "structure 'rows'"),
     ({"distill_weight": 1.5}, "--distill-weight 1.5"),
@@ -135,7 +135,7 @@ def test_bad_step_modes_are_refused(data, dense, settings, message):
     ("args", "message"),
     [
         (["--update", "joint", "--criterion", "magnitude"], "--update joint needs a curvature"),
-        (["--shots", "0"], "--shots 0"),
+        (["--shots", "-1"], "--shots -1"),
         (["--distill-weight", "2"], "--distill-weight 2"),
         (["--lr-schedule", "step"], "lr schedule 'step'"),
         (["--structure", "rows"], "structure 'rows'"),
@@ -274,7 +274,7 @@ def test_auto_update_one_shot_run_applies_and_records_the_rows_update(data, dens
     kw = dict(finetune_epochs=0.0, final_epochs=0.0, score_examples=60, sparsity=0.8)
     auto = _run(dense, data, **kw)
     assert auto.report["update"] == {
-        "mode": "rows", "requested": "auto", "shots": 1, "damping_chosen_on": "train[60:96]"
+        "mode": "rows", "requested": "auto", "shots": 5, "damping_chosen_on": "train[60:96]"
     }  # fmt: skip
     plain = _run(dense, data, update="none", **kw)
     assert plain.report["update"] == {"mode": "none", "requested": "none", "shots": 1}
@@ -335,3 +335,37 @@ def test_damping_choice_reuses_the_no_update_loss_and_chooses_as_a_full_search(d
         if want[layer] != ou.NONE:
             state.update({n: cands[want[layer]][n] for n in (layer, bias)})
     assert choice == want
+
+
+@pytest.mark.parametrize(
+    ("kw", "count"),
+    [
+        ({}, 1),  # fine-tuning: one curvature fit per step
+        ({"steps": 1, "finetune_epochs": 0.0, "final_epochs": 0.0}, 10),
+        ({"steps": 3, "finetune_epochs": 0.0, "final_epochs": 0.0}, 4),  # ceil(10 / 3)
+        ({"steps": 10, "finetune_epochs": 0.0, "final_epochs": 0.0}, 1),
+        ({"steps": 1, "finetune_epochs": 0.0, "final_epochs": 1.0}, 1),  # final fine-tune
+        ({"steps": 1, "finetune_epochs": 0.0, "final_epochs": 0.0, "update": "none"}, 1),
+        ({"steps": 1, "finetune_epochs": 0.0, "final_epochs": 0.0, "update": "rows"}, 10),
+        ({"steps": 1, "finetune_epochs": 0.0, "final_epochs": 0.0, "fisher": "diag"}, 1),
+        ({"steps": 1, "finetune_epochs": 0.0, "final_epochs": 0.0, "shots": 3}, 3),
+        ({"steps": 1, "finetune_epochs": 0.0, "final_epochs": 0.0, "criterion": "magnitude"}, 1),
+    ],
+)
+def test_auto_shots_give_a_run_without_fine_tuning_ten_curvature_fits(kw, count):
+    assert PruneSettings(**kw).shot_count == count
+
+
+def test_auto_shots_score_ten_times_in_a_one_step_run(data, dense, monkeypatch):
+    seen = []
+    real = loop_module.next_masks
+
+    def spy(scores, masks, target, scope):
+        seen.append(target)
+        return real(scores, masks, target, scope)
+
+    monkeypatch.setattr(loop_module, "next_masks", spy)
+    kw = dict(steps=1, finetune_epochs=0.0, final_epochs=0.0, score_examples=60, sparsity=0.8)
+    result = _run(dense, data, **kw)
+    assert result.report["update"]["shots"] == 10
+    assert seen == pytest.approx([0.08 * j for j in range(1, 11)])
