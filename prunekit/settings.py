@@ -71,8 +71,8 @@ class PruneSettings:
     of a factored layer get when weights are removed: 'auto' (``auto_update``: 'rows' for
     a run without any fine-tuning, else 'none'), 'none', 'summed' (single-weight OBS
     updates added up = the old ``compensate``), 'joint' (the exact OBS update for all
-    removed weights at once,
-    correlations included) or 'rows' (the same per output row against the layer's input
+    removed weights at once, correlations included) or 'rows' (the same per output row
+    against the layer's input
     factor A only, the OBC/SparseGPT form; cheap); joint and rows choose their damping per
     layer on held-out training examples;
     structure: 'unstructured' (single weights) or 'units' (whole neurons, channels, hidden
