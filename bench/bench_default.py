@@ -38,13 +38,17 @@ from prunekit.types import ClassificationTask
 
 SPARSITIES = (0.9, 0.95, 1 - 0.8**20)
 MODES = {
-    "default (obd, EKFAC, no update)": {},
+    "default (obd, EKFAC, no update, basis refit when half the weights are gone)": {},
+    "default with the first basis kept (`--refit-basis-below 0`, the old default)": {
+        "refit_basis_below": 0.0
+    },
     "GMP (magnitude, same budget)": {"criterion": "magnitude"},
     "obs + `--update rows`": {"criterion": "obs", "update": "rows"},
     "obd + `--update rows`": {"criterion": "obd", "update": "rows"},
     "sparsegpt": {"criterion": "sparsegpt"},
 }
-DEFAULT, GMP = "default (obd, EKFAC, no update)", "GMP (magnitude, same budget)"
+DEFAULT = "default (obd, EKFAC, no update, basis refit when half the weights are gone)"
+GMP = "GMP (magnitude, same budget)"
 
 
 def adam_gelu():

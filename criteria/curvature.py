@@ -28,7 +28,7 @@ from prunekit.criteria.capture import scoring_mode
 from prunekit.criteria.diag import Diag, fit_diag
 from prunekit.criteria.ekfac import EKFAC, EKFACBasis, fit_ekfac, refit_scaling
 from prunekit.criteria.kfac import KFAC, fit_kfac, reiterable, split_targets
-from prunekit.errors import choice_error, int_setting
+from prunekit.errors import SettingError, choice_error, int_setting
 from prunekit.types import Batch, LabelKey, Masks, Target, Task
 
 log = logging.getLogger(__name__)
@@ -86,23 +86,49 @@ def check_refit_every(value: int) -> int:
     return int_setting(value, "refit_basis_every", 0, " (0 = never refit the basis)")
 
 
+def check_refit_below(value: float) -> float:
+    """``refit_basis_below`` as a number in [0, 1) (0 = off); SettingError if not."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+    if not ok:
+        raise SettingError(
+            f"refit_basis_below {value!r} must be a number in [0, 1): the kept fraction of "
+            "target weights, relative to the last basis fit, below which the EKFAC "
+            "eigenbasis is fitted again (0 = off)"
+        )
+    return float(value)
+
+
+def kept_fraction(model: nn.Module, targets: dict[str, Target]) -> float:
+    """Fraction of the target weights that are nonzero (pruned weights are zeros)."""
+    params = dict(model.named_parameters())
+    kept = sum(int(params[t].count_nonzero()) for t in targets)
+    return kept / max(1, sum(params[t].numel() for t in targets))
+
+
 def _covers(basis: EKFACBasis, model: nn.Module, targets: dict[str, Target]) -> bool:
     layers, _ = split_targets(model, targets)
     return all(basis.layers.get(t) == ly for t, ly in layers.items())
 
 
-def _fit_ekfac_cached(model, task, targets, batches, cache: dict, every: int, **kwargs):
+def _fit_ekfac_cached(
+    model, task, targets, batches, cache: dict, every: int, below: float = 0.0, **kwargs
+):
     """EKFAC reusing ``cache['ekfac_basis']`` unless this step is due for a new basis.
 
-    Steps are counted in ``cache['ekfac_step']``: the basis is fitted at step 0 and, when
-    ``every`` > 0, at every step that is a multiple of ``every``; otherwise only S is refit.
+    Steps are counted in ``cache['ekfac_step']``: the basis is fitted at step 0, when
+    ``every`` > 0 at every step that is a multiple of ``every``, and when ``below`` > 0
+    once the kept fraction of target weights is at most ``below`` times its value at the
+    last fit (``cache['ekfac_kept']``); otherwise only S is refit.
     """
     step = int(cache.get("ekfac_step", 0))
     basis = cache.get("ekfac_basis")
-    due = basis is None or (every > 0 and step % every == 0)
+    kept = kept_fraction(model, targets)
+    thinned = below > 0 and kept <= below * float(cache.get("ekfac_kept", 1.0))
+    due = basis is None or (every > 0 and step % every == 0) or thinned
     if due or not _covers(basis, model, targets):
         curv = fit_ekfac(model, task, targets, batches, **kwargs)
-        log.info("step %d: fitted a new EKFAC eigenbasis", step)
+        cache["ekfac_kept"] = kept
+        log.info("step %d: fitted a new EKFAC eigenbasis (%.3g of the weights kept)", step, kept)
     else:
         curv = refit_scaling(basis, model, task, targets, batches, **kwargs)
         log.info("step %d: kept the EKFAC eigenbasis, refit the scaling", step)
@@ -124,6 +150,7 @@ def fit_curvature(
     masks: Masks | None = None,
     cache: dict | None = None,
     refit_basis_every: int = 0,
+    refit_basis_below: float = 0.0,
 ):
     """Fit the registered estimator ``estimator``; SettingError if unknown.
 
@@ -132,7 +159,9 @@ def fit_curvature(
     weights contribute nothing to EKFAC's scaling (other estimators ignore them: a pruned
     weight's own diagonal entry does not change anything else). cache: a dict the caller
     keeps across pruning steps; with 'ekfac' it holds the eigenbasis, refit every
-    ``refit_basis_every`` steps (0 = only at the first call), S being refit every call.
+    ``refit_basis_every`` steps (0 = only at the first call) and whenever the kept fraction
+    of target weights has fallen to ``refit_basis_below`` times its value at the last fit
+    (0 = off), S being refit every call.
     generator: sampled labels' key (``types.LabelKey``: seed, step, example numbering), or
     a torch.Generator whose one draw seeds a key; None = seed 0.
     """
@@ -151,4 +180,7 @@ def fit_curvature(
     if cache is None:
         return fit_ekfac(model, task, targets, batches, masks=masks, **kwargs)
     every = check_refit_every(refit_basis_every)
-    return _fit_ekfac_cached(model, task, targets, batches, cache, every, masks=masks, **kwargs)
+    below = check_refit_below(refit_basis_below)
+    return _fit_ekfac_cached(
+        model, task, targets, batches, cache, every, below, masks=masks, **kwargs
+    )

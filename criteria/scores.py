@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from prunekit.criteria.curvature import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,
+    check_refit_below,
     check_refit_every,
     default_labels,
     fit_curvature,
@@ -67,7 +68,9 @@ class TaylorCriterion:
     construction becomes the default: 'exact' on classifiers with at most 32 classes,
     'sampled' otherwise, see ``curvature.default_labels``); samples: labels drawn per
     example when sampled; refit_basis_every: with a ``cache``, fit a new EKFAC eigenbasis
-    every N-th step (0 = keep the first one and refit only the scaling).
+    every N-th step (0 = keep the first one and refit only the scaling); refit_basis_below:
+    also fit a new one once the kept fraction of target weights has fallen to this fraction
+    of its value at the last fit (0 = off).
     """
 
     lam: float = 0.0
@@ -75,6 +78,7 @@ class TaylorCriterion:
     labels: str | None = None
     samples: int = 1
     refit_basis_every: int = 0
+    refit_basis_below: float = 0.0
     uses_gradient: ClassVar[bool] = False
     uses_curvature: ClassVar[bool] = False
 
@@ -92,6 +96,7 @@ class TaylorCriterion:
         if self.labels not in LABELS:
             raise choice_error("Fisher labels", self.labels, LABELS)
         check_refit_every(self.refit_basis_every)
+        check_refit_below(self.refit_basis_below)
 
     def labels_for(self, task: Task | None, classes: int | None = None) -> str:
         """The Fisher labels used on ``task`` with ``classes`` outputs (None = unknown): the
@@ -139,6 +144,7 @@ class TaylorCriterion:
                 masks=masks,
                 cache=cache,
                 refit_basis_every=self.refit_basis_every,
+                refit_basis_below=self.refit_basis_below,
             )
             estimators = curv.estimators()
         return ScoreResult(self.combine(params, targets, g, curv), estimators, curv)

@@ -255,6 +255,14 @@ def prune(
         "only the scaling, with pruned weights contributing nothing).",
         rich_help_panel=ADVANCED,
     ),
+    refit_basis_below: float = typer.Option(
+        0.5,
+        help="EKFAC: also refit the eigenbasis once the kept fraction of target weights has "
+        "fallen to this fraction of its value at the last fit (0 = off). 0.5 refits at "
+        "steps 1, 5 and 9 of 10 to 90%: the digits MLP 94.9% vs 93.8% with the first "
+        "basis kept (8 seeds).",
+        rich_help_panel=ADVANCED,
+    ),
     masked_scaling: bool = typer.Option(
         False,
         help="EKFAC: refit the scaling from masked per-example gradients, so pruned weights "

@@ -18,6 +18,7 @@ from prunekit.prune.masks import SCOPES
 from prunekit.prune.schedules import schedule
 from prunekit.prune.targets import find_targets
 from prunekit.settings import (
+    REFIT_BELOW_DEFAULT,
     STRUCTURES,
     UPDATES,
     PruneSettings,
@@ -117,6 +118,8 @@ def check_no_idle_settings(settings: PruneSettings, crit, labels: str | None) ->
         )
     ekfac_only = {"--refit-basis-every": settings.refit_basis_every, "--masked-scaling": None}
     ekfac_only["--masked-scaling"] = settings.masked_scaling or None
+    if settings.refit_basis_below != REFIT_BELOW_DEFAULT:  # the default is for ekfac runs
+        ekfac_only["--refit-basis-below"] = settings.refit_basis_below
     for flag, value in ekfac_only.items():
         if value and (not crit.uses_curvature or crit.fisher != "ekfac"):
             raise SettingError(

@@ -111,6 +111,10 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
             int, 250, "examples per scoring batch (memory)", low=1, cap=MAX_EXAMPLES
         ),
         "refit_basis_every": _f(int, 0, "EKFAC eigenbasis refit period (0 = keep)", low=0),
+        "refit_basis_below": _f(
+            NUM, 0.5, "EKFAC eigenbasis refit at this kept fraction of the last fit (0 = off)",
+            low=0.0, high=1.0, high_open=True,
+        ),
         "masked_scaling": _f(bool, False, "EKFAC scaling from masked gradients (slow)"),
         "compensate": _f(bool, False, "OBS update of surviving weights (= update: summed)"),
         "update": _f(str, "auto", "OBS update of surviving weights", choices="update"),

@@ -103,6 +103,7 @@ def settings_from_recipe(recipe: dict) -> PruneSettings:
         embeddings=recipe["targets"]["embeddings"],
         seed=recipe["seed"],
         refit_basis_every=crit["refit_basis_every"],
+        refit_basis_below=crit["refit_basis_below"],
         masked_scaling=crit["masked_scaling"],
         compensate=crit["compensate"],
         update=crit["update"],
@@ -312,6 +313,23 @@ def _lr_probe_cost(settings: PruneSettings, data, totals: dict) -> list[str]:
     ]
 
 
+def basis_fit_steps(
+    sparsities: list[float], below: float, every: int, total: int | None = None
+) -> list[bool]:
+    """Which steps fit a new EKFAC eigenbasis (``curvature._fit_ekfac_cached``'s rule):
+    step 1, every ``every``-th step, and a step whose kept fraction (1 - the sparsity
+    before it; with ``total`` target weights, of the rounded count the masks keep) is at
+    most ``below`` times the kept fraction at the last fit."""
+    fits, last = [], 1.0
+    for i in range(len(sparsities)):
+        gone = sparsities[i - 1] if i else 0.0
+        kept = 1.0 - (round(gone * total) / total if total else gone)
+        due = i == 0 or (every > 0 and i % every == 0) or (below > 0 and kept <= below * last)
+        last = kept if due else last
+        fits.append(due)
+    return fits
+
+
 def explain_recipe(recipe: dict) -> dict:
     """The step timeline of a recipe without any training or scoring.
 
@@ -327,8 +345,12 @@ def explain_recipe(recipe: dict) -> dict:
     total = sum(checked["targets"].values()) if checked["targets"] else None
     terms = _label_terms(crit, max(data.num_classes, 1)) if crit.uses_curvature else 0
     rows = []
+    ekfac = crit.uses_curvature and crit.fisher == "ekfac"
+    fits = basis_fit_steps(
+        checked["steps"], settings.refit_basis_below, settings.refit_basis_every, total
+    )
     for k, s in enumerate(checked["steps"], start=1):
-        passes = 2 if crit.uses_curvature and crit.fisher == "ekfac" and k == 1 else 1
+        passes = 2 if ekfac and fits[k - 1] else 1  # a new basis: factor pass + scaling pass
         inputs_only = getattr(crit, "uses_inputs", False) and not crit.uses_gradient
         score_fwd = n_score * (
             int(crit.uses_gradient or inputs_only) + passes * int(crit.uses_curvature)
@@ -364,6 +386,10 @@ def explain_recipe(recipe: dict) -> dict:
     ]
     if settings.scope == "global":
         notes.append("global scope: per-layer sparsity depends on the scores (known after run)")
+    if ekfac:
+        steps = ", ".join(str(k) for k, fit in enumerate(fits, start=1) if fit)
+        notes.append(f"EKFAC eigenbasis fitted at step(s) {steps}, otherwise only its scaling "
+                     "(a factor pass more at those steps, counted)")  # fmt: skip
     if settings.shot_count > 1:
         auto = " (auto: no fine-tuning)" if settings.shots == 0 else ""
         notes.append(

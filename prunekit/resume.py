@@ -17,7 +17,7 @@ import torch
 from prunekit.criteria.ekfac import EKFACBasis
 from prunekit.criteria.kfac import Layer
 from prunekit.distill import TEACHER_FILE
-from prunekit.errors import SettingError
+from prunekit.errors import RunDirError, SettingError
 from prunekit.prune.state import STATE_DIR, check_step_state, load_step_state, save_step_state
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def resume_plan(state_dir, resume: bool) -> tuple[Path | None, bool]:
 def _cache_tensors(cache: dict) -> tuple[dict, dict]:
     """EKFAC cache (kept eigenbasis) as flat tensors plus JSON-able metadata."""
     basis = cache.get("ekfac_basis")
-    meta: dict = {"ekfac_step": cache.get("ekfac_step")}
+    meta: dict = {"ekfac_step": cache.get("ekfac_step"), "ekfac_kept": cache.get("ekfac_kept")}
     tensors: dict = {}
     if basis is None:
         return tensors, meta
@@ -48,16 +48,26 @@ def _cache_tensors(cache: dict) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _restore_cache(tensors: dict, meta: dict) -> dict:
+def _restore_cache(tensors: dict, meta: dict, source: Path) -> dict:
     if "layers" not in meta:
         return {}
+    step, kept = meta.get("ekfac_step"), meta.get("ekfac_kept", 1.0)
+    step_ok = isinstance(step, int) and not isinstance(step, bool) and step >= 0
+    kept_ok = isinstance(kept, (int, float)) and not isinstance(kept, bool) and 0 <= kept <= 1
+    if not (step_ok and kept_ok):
+        raise RunDirError(
+            f"{source}: cache ekfac_step {step!r} / ekfac_kept {kept!r} must be an integer "
+            ">= 0 and a fraction in [0, 1]; the checkpoint is damaged: start the run afresh "
+            "(without --resume) in a new --out directory"
+        )
     fields = {f.name: {} for f in dataclasses.fields(EKFACBasis) if f.name != "layers"}
     for key, t in tensors.items():
         if key.startswith("cache/"):
             _, fname, name = key.split("/", 2)
             fields[fname][name] = t
     layers = {n: Layer(**{**d, "shape": tuple(d["shape"])}) for n, d in meta["layers"].items()}
-    return {"ekfac_basis": EKFACBasis(layers=layers, **fields), "ekfac_step": meta["ekfac_step"]}
+    basis = EKFACBasis(layers=layers, **fields)
+    return {"ekfac_basis": basis, "ekfac_step": step, "ekfac_kept": float(kept)}
 
 
 def save_state(run: _Run, state_dir, step: int, state_info: dict | None) -> None:
@@ -130,7 +140,7 @@ def restore_state(run: _Run, state_dir, state_info: dict | None) -> int:
     run.masks = {n: tensors[f"mask/{n}"].bool().to(device) for n in run.masks}
     run.gen.set_state(tensors["rng/generator"])
     torch.set_rng_state(tensors["rng/torch"])
-    run.cache = _restore_cache(tensors, info["cache"])
+    run.cache = _restore_cache(tensors, info["cache"], Path(state_dir) / STATE_DIR / "latest.json")
     run.rows, run.dense, run.pruned = info["rows"], info["dense"], info["pruned"]
     run.estimators = info["estimators"]
     if run.ntk is not None:

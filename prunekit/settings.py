@@ -22,6 +22,7 @@ Progress = Callable[[str, int, int], None]
 DEVICES = ("cpu", "cuda", "auto")
 UPDATES = ("auto", "none", "summed", "joint", "rows")
 DAMPED_UPDATES = ("joint", "rows")  # updates whose damping is chosen on held-out examples
+REFIT_BELOW_DEFAULT = 0.5  # EKFAC basis refit when half the weights kept at the last fit are gone
 ONE_SHOT_ESTIMATES = 10  # curvature fits a run without fine-tuning gets at least (auto shots)
 STRUCTURES = ("unstructured", "units")
 
@@ -49,7 +50,10 @@ class PruneSettings:
     ntklog.py); ntk_every: fine-tuning iterations to log at ('xM' log-spaced by factor M,
     'N' every N); probe_train/probe_val: examples in the fixed NTK probes;
     refit_basis_every: EKFAC eigenbasis refit period in steps (0 = keep the first basis,
-    refit only the scaling); compensate: apply the OBS update to surviving weights within
+    refit only the scaling); refit_basis_below: also refit it once the kept fraction of
+    target weights has fallen to this fraction of its value at the last fit (0 = off; the
+    default 0.5 refits at steps 1, 5 and 9 of the 10-step schedule to 90%); compensate:
+    apply the OBS update to surviving weights within
     each step (kfac/ekfac); masked_scaling: refit EKFAC's scaling from masked per-example
     gradients (pruned weights contribute nothing; exact, but its cost grows with
     out*in*(out+in) per example, ~100x the unmasked refit on a 784x300 layer). Off by
@@ -102,6 +106,7 @@ class PruneSettings:
     seed: int = 0
     device: str = "cpu"
     refit_basis_every: int = 0
+    refit_basis_below: float = REFIT_BELOW_DEFAULT
     masked_scaling: bool = False
     compensate: bool = False
     recalibrate_bn: bool | None = None
@@ -214,6 +219,7 @@ def make_run_criterion(settings: PruneSettings):
         "lam": settings.lam,
         "samples": settings.samples,
         "refit_basis_every": settings.refit_basis_every,
+        "refit_basis_below": settings.refit_basis_below,
     }
     if settings.fisher is not None:
         overrides["fisher"] = settings.fisher

@@ -190,6 +190,7 @@ def score_units(
     curv = fit_curvature(
         fisher, model, task, targets, batches, labels=labels, samples=crit.samples,
         generator=key, masks=masks, cache=cache, refit_basis_every=crit.refit_basis_every,
+        refit_basis_below=crit.refit_basis_below,
     )  # fmt: skip
     factored = factored_layers(curv)
     fallback = curv if fisher == "diag" else curv.fallback

@@ -17,6 +17,7 @@ IDLE = [
     ({"criterion": "obd", "labels": "exact", "samples": 4}, "--fisher-samples 4 does nothing"),
     ({"criterion": "obd", "fisher": "kfac", "refit_basis_every": 2}, "ekfac estimator only"),
     ({"criterion": "magnitude", "masked_scaling": True}, "--masked-scaling"),
+    ({"criterion": "obd", "fisher": "kfac", "refit_basis_below": 0.3}, "--refit-basis-below 0.3"),
 ]
 
 
@@ -36,7 +37,8 @@ def test_idle_option_is_refused(digits, settings, message):
     [
         {"criterion": "obd", "fisher": "ekfac", "refit_basis_every": 2},
         {"criterion": "obd", "labels": "sampled", "samples": 4},
-        {"criterion": "qm", "fisher": "diag", "labels": "empirical"},
+        {"criterion": "qm", "fisher": "diag", "labels": "empirical"},  # default refit_basis_below
+        {"criterion": "obd", "fisher": "kfac", "refit_basis_below": 0.0},  # off: nothing idle
         {"criterion": "magnitude"},
     ],
 )

@@ -18,7 +18,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from prunekit.errors import SettingError
+from prunekit.errors import RunDirError, SettingError
 from prunekit.prune.state import load_step_state
 from prunekit.recipe import load_recipe
 from prunekit.recipe_run import run_recipe
@@ -169,10 +169,12 @@ def test_interrupted_twice_then_resumed(tmp_path, recipe_file, reference):
 
 
 def test_resume_needs_the_kept_eigenbasis(tmp_path, recipe_file, reference):
-    """Negative control: without the checkpointed EKFAC basis the resumed run differs."""
+    """Negative control: without the checkpointed EKFAC basis the resumed run differs
+    (resumed at step 2, where the straight run keeps its basis: 0.56 of the weights left,
+    above refit_basis_below 0.5 of the dense model's)."""
     recipe = load_recipe(recipe_file)
     out = tmp_path / "run"
-    interrupted(recipe, out, "score", 3)
+    interrupted(recipe, out, "score", 2)
     latest = out / "state" / "latest.json"
     info = json.loads(latest.read_text())
     tensors = load_file(str(out / "state" / info["tensors"]))
@@ -185,6 +187,26 @@ def test_resume_needs_the_kept_eigenbasis(tmp_path, recipe_file, reference):
     masks, _ = read_st(out / "masks.safetensors")
     ref, _ = reference["masks"]
     assert not all(torch.equal(masks[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("ekfac_kept", "os.system"), ("ekfac_kept", 1.5), ("ekfac_kept", True), ("ekfac_step", -1)],
+)
+def test_a_damaged_basis_record_is_refused_in_one_line(tmp_path, recipe_file, key, value):
+    """latest.json is untrusted: the EKFAC cache's step and kept fraction are checked."""
+    recipe = load_recipe(recipe_file)
+    out = tmp_path / "run"
+    interrupted(recipe, out, "score", 2)
+    latest = out / "state" / "latest.json"
+    info = json.loads(latest.read_text())
+    assert info["cache"]["ekfac_kept"] == 1.0  # the dense model's basis, kept at step 1
+    info["cache"][key] = value
+    latest.write_text(json.dumps(info))
+    with pytest.raises(RunDirError, match=f"{key} {value!r}".replace("(", r"\(")) as caught:
+        run_recipe(recipe, out, resume=True)
+    assert "\n" not in str(caught.value) and "latest.json" in str(caught.value)
+    assert not (out / "report.json").exists()
 
 
 def test_resume_of_a_finished_run_reproduces_it(tmp_path, recipe_file, reference):

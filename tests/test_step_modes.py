@@ -369,3 +369,33 @@ def test_auto_shots_score_ten_times_in_a_one_step_run(data, dense, monkeypatch):
     result = _run(dense, data, **kw)
     assert result.report["update"]["shots"] == 10
     assert seen == pytest.approx([0.08 * j for j in range(1, 11)])
+
+
+def test_basis_refits_where_explain_says_when_half_the_weights_are_gone(data, monkeypatch):
+    """A 10-step run to 90% fits the EKFAC eigenbasis when the kept fraction has halved
+    since the last fit, at exactly the steps ``explain`` predicts: 1, 5 and 9 for a large
+    model; 1, 4, 7 and 10 for this one's 352 weights, whose rounded counts keep exactly
+    0.5, 0.25 and 0.125 at steps 4, 7 and 10."""
+    import prunekit.criteria.curvature as curvature_module
+    from prunekit.prune.schedules import schedule
+    from prunekit.recipe_run import basis_fit_steps
+
+    fitted, real = [], curvature_module.fit_ekfac
+
+    def spy(model, *args, **kwargs):
+        fitted.append(curvature_module.kept_fraction(model, args[1]))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(curvature_module, "fit_ekfac", spy)
+    torch.manual_seed(0)
+    wide = mlp("8,32,3")
+    kw = dict(steps=10, sparsity=0.9, finetune_epochs=0.1, final_epochs=0.0, update="none")
+    result = _run(wide, data, **kw)
+    steps = [row["step"] for row in result.metrics[1:]]
+    predicted = basis_fit_steps(schedule(0.9, 10, "exp"), 0.5, 0, total=352)
+    assert [k for k, fit in zip(steps, predicted, strict=True) if fit] == [1, 4, 7, 10]
+    assert fitted == [1.0, 0.5, 0.25, 0.125]
+    large = basis_fit_steps(schedule(0.9, 10, "exp"), 0.5, 0, total=10**6)
+    assert [k for k, fit in enumerate(large, start=1) if fit] == [1, 5, 9]
+    assert basis_fit_steps(schedule(0.9, 10, "exp"), 0.0, 0) == [True] + [False] * 9
+    assert basis_fit_steps(schedule(0.9, 10, "exp"), 0.0, 3) == [i % 3 == 0 for i in range(10)]

@@ -197,6 +197,40 @@ def test_cache_keeps_the_basis_unless_due():
         fit_curvature("ekfac", model, orc.TASK, targets, [(x, y)], cache={}, refit_basis_every=-1)
 
 
+def test_cache_refits_the_basis_once_the_kept_weights_halved():
+    """refit_basis_below 0.5: a new basis exactly when the nonzero target weights are at
+    most half of those at the last fit (pruned weights are zeros in the model)."""
+    model = orc.tiny_mlp()
+    x, y = orc.data(model, 4)
+    targets = find_targets(model)
+    params = dict(model.named_parameters())
+    flat = torch.cat([params[t].detach().flatten() for t in targets])
+    order = flat.abs().argsort()  # zero the smallest first, as pruning would
+    cache, bases, kept = {}, [], []
+    for fraction in (1.0, 0.6, 0.51, 0.5, 0.3, 0.26, 0.24):
+        with torch.no_grad():
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            keep[order[flat.numel() - round(fraction * flat.numel()) :]] = True
+            start = 0
+            for t in targets:
+                n = params[t].numel()
+                params[t].mul_(keep[start : start + n].view_as(params[t]))
+                start += n
+        curv = fit_curvature(
+            "ekfac", model, orc.TASK, targets, [(x, y)], cache=cache, refit_basis_below=0.5
+        )
+        bases.append(curv.basis)
+        kept.append(cache["ekfac_kept"])
+    new = [i == 0 or bases[i] is not bases[i - 1] for i in range(len(bases))]
+    assert new == [True, False, False, True, False, False, True]
+    assert kept[3] == pytest.approx(0.5, abs=0.02) and kept[6] == pytest.approx(0.24, abs=0.02)
+    for bad in (-0.1, 1.0, float("nan"), "half", True):
+        with pytest.raises(SettingError, match="refit_basis_below"):
+            fit_curvature(
+                "ekfac", model, orc.TASK, targets, [(x, y)], cache={}, refit_basis_below=bad
+            )
+
+
 def test_ekfac_is_the_default_for_obd_and_qm():
     for name in ("obd", "qm", "obs"):
         crit = make_criterion(name)

@@ -821,6 +821,8 @@ PRUNE_VALUES = {
     "--fisher-samples 0": (["--criterion", "obd", "--fisher-labels", "sampled",
                             "--fisher-samples", "0"], {}),  # fmt: skip
     "--refit-basis-every -1": (["--refit-basis-every", "-1"], {}),
+    "--refit-basis-below 1.5": (["--refit-basis-below", "1.5"], {}),
+    "--refit-basis-below nan": (["--refit-basis-below", "nan"], {}),
     "--ntk-every x0.5": (["--ntk", "--ntk-every", "x0.5"], {}),
     "--device tpu": (["--device", "tpu"], {}),
     "--steps not a number": (["--steps", "many"], {}),
