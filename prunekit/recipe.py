@@ -111,16 +111,12 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
             int, 250, "examples per scoring batch (memory)", low=1, cap=MAX_EXAMPLES
         ),
         "refit_basis_every": _f(int, 0, "EKFAC eigenbasis refit period (0 = keep)", low=0),
-        "refit_basis_below": _f(
-            NUM, 0.5, "EKFAC eigenbasis refit at this kept fraction of the last fit (0 = off)",
-            low=0.0, high=1.0, high_open=True,
-        ),
+        "refit_basis_below": _f(NUM, 0.5, "EKFAC basis refit at this kept fraction (0 = off)",
+                                low=0.0, high=1.0, high_open=True),  # fmt: skip
         "masked_scaling": _f(bool, False, "EKFAC scaling from masked gradients (slow)"),
         "compensate": _f(bool, False, "OBS update of surviving weights (= update: summed)"),
         "update": _f(str, "auto", "OBS update of surviving weights", choices="update"),
-        "shots": _f(
-            int, 0, "curvature re-estimations per pruning step (0 = auto)", low=0, cap=MAX_SHOTS
-        ),
+        "shots": _f(int, 0, "curvature fits per pruning step (0 = auto)", low=0, cap=MAX_SHOTS),
         "structure": _f(str, "unstructured", "single weights or whole units", choices="structure"),
     },
     "schedule": {
