@@ -50,9 +50,9 @@ def example_names() -> list[str]:
 
 
 def criterion_names():
-    from prunekit.criteria import CRITERIA
+    from prunekit.settings import criterion_choices
 
-    return CRITERIA
+    return criterion_choices()
 
 
 def estimator_names():

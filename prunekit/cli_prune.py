@@ -47,7 +47,10 @@ def prune(
         "or pickled module (with --trust-pickle).",
     ),
     criterion: str = typer.Option(
-        "obd", help=f"Scoring criterion: one of {choices(criterion_names())}."
+        "auto",
+        help=f"Scoring criterion: one of {choices(criterion_names())}. 'auto' (default): obs "
+        "with the rows update (`--update auto`) up to 95% sparsity in a run that fine-tunes, "
+        "else obd; report.json 'criterion' says which ran.",
     ),
     sparsity: float = typer.Option(0.9, help="Final fraction of target weights pruned, in [0, 1)."),
     steps: int = typer.Option(10, help="Number of pruning steps (the paper used 1, 14, 140)."),
@@ -106,13 +109,15 @@ def prune(
     update: str = typer.Option(
         "auto",
         help="What the surviving weights of a layer get when weights are removed (obd/qm/obs "
-        "on kfac or ekfac): auto (rows when the run fine-tunes nowhere, i.e. "
-        "--finetune-epochs 0 --final-epochs 0; else none); none; summed (single-weight OBS "
+        "on kfac or ekfac): auto (rows with --criterion auto when it picks obs, and when the "
+        "run fine-tunes nowhere, i.e. --finetune-epochs 0 --final-epochs 0; else none); "
+        "none; summed (single-weight OBS "
         "updates added up); joint (the "
         "exact OBS update for all removed weights at once, correlations included, both "
         "Kronecker factors, conjugate gradients: slow); rows (the same per output row against "
         "the layer's inputs only, as SparseGPT: ~2x a plain run). joint and rows choose "
-        "their damping per layer on held-out training examples. report.json gives the loss "
+        "their damping per layer on validation examples (never trained on). report.json gives "
+        "the loss "
         "before and after.",
         rich_help_panel=CURVATURE,
     ),

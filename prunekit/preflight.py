@@ -40,7 +40,7 @@ def validate(settings: PruneSettings, model: nn.Module, data: DataBundle, task: 
     classes = data.num_classes if data.kind == "classification" else None
     labels = resolved_labels(crit, task, classes) if crit.uses_curvature else None
     check_no_idle_settings(settings, crit, labels)
-    _check_distill_gradients(settings.criterion, crit, task, labels)
+    _check_distill_gradients(settings.criterion_name, crit, task, labels)
     if crit.uses_curvature:
         _check_label_source(labels, task, data, crit.samples)
     sparsities = schedule(settings.sparsity, settings.steps, settings.schedule)
@@ -67,7 +67,7 @@ def check_step_modes(settings: PruneSettings, crit) -> None:
         raise choice_error("structure", settings.structure, STRUCTURES)
     if settings.structure == "units":
         idle = {"--shots": settings.shot_count > 1, "--update": settings.update_mode != "none"}
-        idle[f"--criterion {settings.criterion}"] = getattr(crit, "reconstructs", False)
+        idle[f"--criterion {settings.criterion_name}"] = getattr(crit, "reconstructs", False)
         for flag, used in idle.items():
             if used:
                 raise SettingError(
@@ -82,15 +82,15 @@ def check_step_modes(settings: PruneSettings, crit) -> None:
     reconstructs = getattr(crit, "reconstructs", False)
     if mode != "none" and reconstructs:
         raise SettingError(
-            f"--update {mode} does nothing with criterion {settings.criterion!r}: it already "
+            f"--update {mode} does nothing with criterion {settings.criterion_name!r}: it already "
             "updates the surviving weights (layer reconstruction); drop --update"
         )
     if mode != "none" and (not crit.uses_curvature or crit.fisher == "diag"):
         raise SettingError(
             f"--update {mode} needs a curvature criterion (obd, qm, obs) on kfac or ekfac, "
-            f"not {settings.criterion!r} with fisher {crit.fisher!r}"
+            f"not {settings.criterion_name!r} with fisher {crit.fisher!r}"
         )
-    if settings.shot_count > 1 and settings.criterion == "magnitude" and mode == "none":
+    if settings.shot_count > 1 and settings.criterion_name == "magnitude" and mode == "none":
         raise SettingError(
             f"--shots {settings.shot_count} does nothing with criterion 'magnitude' (the "
             "weights do not change between shots); drop it, or choose a curvature criterion"
@@ -102,7 +102,7 @@ def check_no_idle_settings(settings: PruneSettings, crit, labels: str | None) ->
     ``--criterion magnitude --fisher ekfac``): a user who typed it expected an effect.
 
     labels: the Fisher labels the run will use (None for criteria without curvature)."""
-    name = settings.criterion
+    name = settings.criterion_name
     curvature = ("fisher", "labels") if not crit.uses_curvature else ()
     for key in curvature:
         if getattr(settings, key) is not None:

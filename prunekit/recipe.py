@@ -98,7 +98,7 @@ SCHEMA: dict[str, dict[str, Field] | Field] = {
         "embeddings": _f(bool, False, "also prune nn.Embedding weights (diagonal Fisher)"),
     },
     "criterion": {
-        "name": _f(str, "obd", "the scoring criterion", choices="criterion"),
+        "name": _f(str, "auto", "the scoring criterion", choices="criterion"),
         "fisher": _f(OPT_STR, None, "curvature estimator", choices="fisher"),
         "labels": _f(OPT_STR, None, "Fisher labels", choices="labels"),
         "samples": _f(int, 1, "labels drawn per example for sampled", low=1, cap=MAX_SAMPLES),

@@ -22,7 +22,6 @@ from prunekit import checkpoint as checkpoints
 from prunekit import data as data_specs
 from prunekit.analysis import log_spaced_iterations
 from prunekit.api import check_export, export_forward, export_model, train_example
-from prunekit.criteria import CRITERIA
 from prunekit.criteria.curvature import ESTIMATORS
 from prunekit.criteria.fisher import LABELS
 from prunekit.errors import CheckpointError, SettingError, choice_error, first_line
@@ -30,6 +29,7 @@ from prunekit.export.modes import QuantizationRefused
 from prunekit.finetune import AUTO, LR_CANDIDATES, LR_SCHEDULES, OPTIMIZERS, PROBE_STEPS
 from prunekit.loop import run_pruning
 from prunekit.models import EXAMPLES
+from prunekit.obsupdate import HELD_OUT
 from prunekit.preflight import check_step_modes
 from prunekit.prune.masks import SCOPES
 from prunekit.prune.schedules import SCHEDULES, schedule
@@ -39,11 +39,13 @@ from prunekit.recipe import evaluate_checks, load_recipe, recipe_hash
 from prunekit.report import write_run
 from prunekit.resume import has_checkpoint
 from prunekit.settings import (
+    AUTO_CRITERION,
     DAMPED_UPDATES,
     STRUCTURES,
     UPDATES,
     Progress,
     PruneSettings,
+    criterion_choices,
     make_run_criterion,
 )
 from prunekit.tasks import DISTILL_METRICS, LOSSES, load_task
@@ -57,7 +59,7 @@ def recipe_choices() -> dict:
     return {
         "loss": LOSSES,
         "distill_metric": DISTILL_METRICS,
-        "criterion": CRITERIA,
+        "criterion": criterion_choices(),
         "fisher": ESTIMATORS,
         "labels": LABELS,
         "scope": SCOPES,
@@ -399,8 +401,10 @@ def explain_recipe(recipe: dict) -> dict:
     if settings.update_mode in DAMPED_UPDATES:
         notes.append(
             f"{settings.update_mode} update: per step, 3 evaluations per factored layer (plus "
-            "one) of up to 256 held-out examples choose the damping (not counted)"
+            f"one) of up to {HELD_OUT} validation examples choose the damping (not counted)"
         )
+    if settings.criterion == AUTO_CRITERION:
+        notes.append(f"criterion auto: {settings.criterion_name}, update {settings.update_mode}")
     if settings.loss == "distill":
         notes.append(
             f"distillation: one forward pass of the dense model over all "

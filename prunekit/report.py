@@ -82,7 +82,8 @@ def build_report(settings, crit, task, model, targets, masks, rows, estimators, 
     global_sparsity, per_layer = sparsity_of(masks)
     counts = _param_counts(model, targets)
     return {
-        "criterion": settings.criterion,
+        "criterion": settings.criterion_name,
+        "criterion_requested": settings.criterion,
         "fisher": crit.fisher if crit.uses_curvature else None,
         "fisher_labels": resolved_labels(crit, task) if crit.uses_curvature else None,
         "estimators": estimators,

@@ -145,7 +145,7 @@ def plan_units(
     examples, unless ``groups`` is given) checked against the settings: SettingError (one
     line) for a criterion without a group score, a sparsity that empties a group, or a
     model without units; ModelError from the tracer for patterns it cannot prove."""
-    if settings.criterion not in GROUP_CRITERIA:
+    if settings.criterion_name not in GROUP_CRITERIA:
         raise choice_error("criterion for --structure units", settings.criterion, GROUP_CRITERIA)
     if groups is None:
         from prunekit.prune.trace import find_unit_groups

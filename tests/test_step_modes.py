@@ -154,12 +154,62 @@ def test_cli_refuses_bad_step_modes_in_one_line(tmp_path, digits_model_file, cli
 def test_update_chooses_damping_per_layer_on_held_out_examples(data, dense, mode):
     result = _run(dense, data, update=mode, score_examples=60)
     assert result.report["update"]["mode"] == mode
-    assert result.report["update"]["damping_chosen_on"] == "train[60:96]"  # 96 train examples
+    assert result.report["update"]["damping_chosen_on"] == "validation[0:24]"  # 24 val examples
     row = result.metrics[1]
     assert set(row["update_damping"]) == {"1.weight", "3.weight"}
     assert all(v == "none" or v in (1e-2, 1e-1, 1.0) for v in row["update_damping"].values())
     params = dict(result.model.named_parameters())
     assert all(not params[n][~m].any() for n, m in result.masks.items())
+
+
+def test_damping_is_chosen_on_validation_else_on_unscored_training_examples(data):
+    import dataclasses
+
+    from prunekit.obsupdate import HELD_OUT, held_out_batches
+
+    batches, source = held_out_batches(data, 60, "cpu", batch=10)
+    assert source == "validation[0:24]" and [len(b[1]) for b in batches] == [10, 10, 4]
+    assert torch.equal(torch.cat([b[0] for b in batches]), data.x_val[:24])
+    none = dataclasses.replace(data, x_val=data.x_val[:0], y_val=data.y_val[:0])
+    batches, source = held_out_batches(none, 60, "cpu")
+    assert source == "train[60:96]"  # never the 60 scoring examples
+    assert torch.equal(batches[0][0], data.x_train[60:96])
+    big = dataclasses.replace(data, x_val=data.x_train.repeat(8, 1), y_val=data.y_train.repeat(8))
+    assert held_out_batches(big, 60, "cpu")[1] == f"validation[0:{HELD_OUT}]"
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        ({}, "obs"),
+        ({"sparsity": 0.95}, "obs"),
+        ({"sparsity": 1 - 0.8**20}, "obd"),
+        ({"finetune_epochs": 0.0, "final_epochs": 0.0}, "obd"),  # one shot: obd + rows
+        ({"structure": "units"}, "obd"),
+        ({"criterion": "obd"}, "obd"),
+        ({"criterion": "magnitude", "sparsity": 0.5}, "magnitude"),
+    ],
+)
+def test_auto_criterion_resolves_by_target_fine_tuning_and_structure(kw, name):
+    settings = PruneSettings(**kw)
+    assert settings.criterion_name == name
+    from prunekit.criteria import CRITERIA
+    from prunekit.settings import make_run_criterion
+
+    assert type(make_run_criterion(settings)) is CRITERIA[name]
+
+
+def test_auto_criterion_run_reports_what_ran_and_what_was_asked(data, dense):
+    auto = _run(dense, data, score_examples=60)
+    assert (auto.report["criterion"], auto.report["criterion_requested"]) == ("obs", "auto")
+    assert auto.report["update"]["mode"] == "rows"
+    explicit = _run(dense, data, score_examples=60, criterion="obs", update="rows")
+    params = dict(auto.model.named_parameters())
+    other = dict(explicit.model.named_parameters())
+    assert all(torch.equal(params[n], other[n]) for n in params)  # auto IS obs + rows
+    assert auto.report["criterion_requested"] != explicit.report["criterion_requested"]
+    high = _run(dense, data, score_examples=60, sparsity=0.97)
+    assert (high.report["criterion"], high.report["update"]["mode"]) == ("obd", "none")
 
 
 @pytest.mark.parametrize("mode", ["joint", "rows"])
@@ -253,9 +303,15 @@ def test_many_classes_default_to_sampled_labels_everywhere():
 @pytest.mark.parametrize(
     ("kw", "mode"),
     [
-        ({}, "none"),  # the CLI budget fine-tunes: fine-tuning recovers better than updates
+        ({}, "rows"),  # the auto criterion up to 95%: obs with the rows update
+        ({"sparsity": 0.95}, "rows"),
+        ({"sparsity": 0.96}, "none"),  # auto is obd above 95%: no update with fine-tuning
+        ({"criterion": "obd"}, "none"),
+        ({"criterion": "obs"}, "none"),  # only the auto criterion pairs obs with rows
         ({"finetune_epochs": 0.0, "final_epochs": 0.0}, "rows"),
-        ({"finetune_epochs": 0.0, "final_epochs": 1.0}, "none"),
+        ({"finetune_epochs": 0.0, "final_epochs": 1.0}, "rows"),
+        ({"finetune_epochs": 0.0, "final_epochs": 1.0, "criterion": "obd"}, "none"),
+        ({"fisher": "diag"}, "none"),  # auto obs on the diagonal: nothing to solve rows with
         ({"finetune_epochs": 0.0, "final_epochs": 0.0, "criterion": "obs"}, "rows"),
         ({"finetune_epochs": 0.0, "final_epochs": 0.0, "criterion": "magnitude"}, "none"),
         ({"finetune_epochs": 0.0, "final_epochs": 0.0, "fisher": "diag"}, "none"),
@@ -265,7 +321,7 @@ def test_many_classes_default_to_sampled_labels_everywhere():
         ({"update": "joint"}, "joint"),
     ],
 )
-def test_auto_update_is_rows_only_without_any_fine_tuning(kw, mode):
+def test_auto_update_is_rows_for_auto_obs_or_without_any_fine_tuning(kw, mode):
     assert PruneSettings(**kw).update == ("auto" if "update" not in kw else kw["update"])
     assert PruneSettings(**kw).update_mode == mode
 
@@ -274,7 +330,7 @@ def test_auto_update_one_shot_run_applies_and_records_the_rows_update(data, dens
     kw = dict(finetune_epochs=0.0, final_epochs=0.0, score_examples=60, sparsity=0.8)
     auto = _run(dense, data, **kw)
     assert auto.report["update"] == {
-        "mode": "rows", "requested": "auto", "shots": 5, "damping_chosen_on": "train[60:96]"
+        "mode": "rows", "requested": "auto", "shots": 5, "damping_chosen_on": "validation[0:24]"
     }  # fmt: skip
     plain = _run(dense, data, update="none", **kw)
     assert plain.report["update"] == {"mode": "none", "requested": "none", "shots": 1}

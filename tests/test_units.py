@@ -38,6 +38,10 @@ class Settings:
     scope: str = "global"
     masked_scaling: bool = False
 
+    @property
+    def criterion_name(self) -> str:
+        return self.criterion
+
 
 @dataclass
 class Run:
