@@ -21,7 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/prunekit example mlp-mnist --out $(DEMO_DIR)/dense.safetensors --overwrite
-	$(BIN)/prunekit prune $(DEMO_DIR)/dense.safetensors --data mnist5k --criterion obd \
+	$(BIN)/prunekit prune $(DEMO_DIR)/dense.safetensors --data mnist5k \
 		--sparsity 0.9 --steps 10 --finetune-epochs 1 --out $(DEMO_DIR)/pruned --overwrite
 
 test: $(STAMP)

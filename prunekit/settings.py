@@ -146,8 +146,10 @@ class PruneSettings:
 
     def _auto_obs(self) -> bool:
         """True when ``criterion='auto'`` resolves to obs + rows (see ``criterion_name``)."""
-        fine_tunes = self.finetune_epochs > 0 or self.final_epochs > 0
-        target = self.sparsity if isinstance(self.sparsity, (int, float)) else 1.0  # unchecked
+        # unchecked values (preflight refuses them later): not numbers count as 0 / 1
+        epochs = [e for e in (self.finetune_epochs, self.final_epochs) if _is_number(e)]
+        fine_tunes = any(e > 0 for e in epochs)
+        target = self.sparsity if _is_number(self.sparsity) else 1.0
         return (
             self.criterion == AUTO_CRITERION
             and fine_tunes
@@ -241,6 +243,10 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise SettingError("device 'cuda' asked for but no CUDA GPU is available; use cpu")
     return torch.device(device)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def make_run_criterion(settings: PruneSettings):

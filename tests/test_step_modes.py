@@ -262,6 +262,22 @@ def test_explain_counts_every_shot():
     assert any("shots 2" in n for n in two["notes"])
 
 
+def test_explain_names_what_the_auto_criterion_resolves_to():
+    from pathlib import Path
+
+    from prunekit.recipe_run import explain_recipe, load_checked_recipe
+
+    path = Path(__file__).resolve().parent.parent / "recipes" / "ci-digits-obd.yaml"
+    auto = explain_recipe(load_checked_recipe(path, ["criterion.name=auto"]))
+    assert "criterion auto: obs, update rows" in auto["notes"]
+    assert any("validation examples choose the damping" in n for n in auto["notes"])
+    high = ["criterion.name=auto", "schedule.final=0.98"]
+    notes = explain_recipe(load_checked_recipe(path, high))["notes"]
+    assert "criterion auto: obd, update none" in notes
+    explicit = explain_recipe(load_checked_recipe(path))["notes"]
+    assert not any("criterion auto" in n or "damping" in n for n in explicit)
+
+
 def test_recipe_export_limit_reaches_the_export_and_a_refusal_keeps_the_report(
     tmp_path, monkeypatch
 ):
