@@ -162,6 +162,55 @@ def test_update_chooses_damping_per_layer_on_held_out_examples(data, dense, mode
     assert all(not params[n][~m].any() for n, m in result.masks.items())
 
 
+def test_damping_groups_are_consecutive_near_equal_and_cover_every_layer():
+    from prunekit.obsupdate import MAX_GROUPS, damping_groups
+
+    names = [f"l{i}" for i in range(36)]
+    groups = damping_groups(names)
+    assert len(groups) == MAX_GROUPS == 8 and [n for g in groups for n in g] == names
+    assert {len(g) for g in groups} == {4, 5}
+    assert damping_groups(names[:3]) == [["l0"], ["l1"], ["l2"]]  # shallow: one per layer
+    assert damping_groups(names[:8]) == [[n] for n in names[:8]]
+    assert damping_groups([]) == []
+
+
+def _counted_damping_setup(data, dense, monkeypatch):
+    """(model, task, scored, masks, held-out batches, list that grows by one per held-out
+    evaluation) for a 70% step of ``dense`` scored by obd on 60 examples."""
+    import prunekit.obsupdate as ou
+    from prunekit.prune.masks import next_masks
+    from prunekit.prune.targets import find_targets
+    from prunekit.settings import make_run_criterion
+
+    model = copy.deepcopy(dense)
+    task, targets = ClassificationTask(), find_targets(model)
+    scored = make_run_criterion(PruneSettings(criterion="obd")).evaluate(
+        model, task, targets, data.first_train(60)
+    )
+    full = {n: torch.ones(t.shape, dtype=bool) for n, t in targets.items()}
+    masks = next_masks(scored.scores, full, 0.7)
+    held, _ = ou.held_out_batches(data, 60, "cpu")
+    calls = []
+    real = ou._loss
+    monkeypatch.setattr(ou, "_loss", lambda *a: calls.append(1) or real(*a))
+    return model, task, scored, masks, held, calls
+
+
+def test_grouped_search_gives_a_group_one_damping_in_1_plus_3_evaluations(data, dense,
+                                                                          monkeypatch):
+    import prunekit.obsupdate as ou
+
+    model, task, scored, masks, held, calls = _counted_damping_setup(data, dense, monkeypatch)
+    monkeypatch.setattr(ou, "MAX_GROUPS", 1)
+    deltas, choice = ou.choose_damping(model, task, scored.curvature, masks, held, "rows")
+    assert len(calls) == 4 and len(choice) == 2 and len(set(choice.values())) == 1
+    best = next(iter(choice.values()))
+    if best != "none":  # the group's layers carry that damping's update, bias included
+        params = dict(model.named_parameters())
+        want = ou.rows_update(scored.curvature, params, masks, damping=best)
+        assert all(torch.equal(deltas[n], want[n]) for n in want)
+
+
 def test_damping_is_chosen_on_validation_else_on_unscored_training_examples(data):
     import dataclasses
 
@@ -367,21 +416,9 @@ def test_damping_choice_reuses_the_no_update_loss_and_chooses_as_a_full_search(d
     and the same choice as evaluating all 4 candidates of every layer afresh."""
     import prunekit.obsupdate as ou
     from prunekit.finetune import evaluate
-    from prunekit.prune.masks import apply_masks, next_masks
-    from prunekit.prune.targets import find_targets
-    from prunekit.settings import make_run_criterion
+    from prunekit.prune.masks import apply_masks
 
-    model = copy.deepcopy(dense)
-    task, targets = ClassificationTask(), find_targets(model)
-    scored = make_run_criterion(PruneSettings(criterion="obd")).evaluate(
-        model, task, targets, data.first_train(60)
-    )
-    full = {n: torch.ones(t.shape, dtype=bool) for n, t in targets.items()}
-    masks = next_masks(scored.scores, full, 0.7)
-    held, _ = ou.held_out_batches(data, 60, "cpu")
-    calls = []
-    real = ou._loss
-    monkeypatch.setattr(ou, "_loss", lambda *a: calls.append(1) or real(*a))
+    model, task, scored, masks, held, calls = _counted_damping_setup(data, dense, monkeypatch)
     _, choice = ou.choose_damping(model, task, scored.curvature, masks, held, "rows")
     assert len(calls) == 1 + 3 * len(choice)
     # reference: every candidate of every layer evaluated, in forward order
