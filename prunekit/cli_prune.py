@@ -130,7 +130,7 @@ def prune(
         "this many equal slices, scored again before each (locality inside the step). "
         "0 = auto: 1, except in a run with the rows update and no fine-tuning anywhere, "
         "where ceil(10 / steps) (at least 10 re-estimations in all: one step at 95% on the "
-        "bench MLP 88.4% with 10 shots, 82.0% with 1, magnitude 83.5%).",
+        "bench MLP 88.8% with 10 shots, 81.6% with 1, magnitude 83.5%).",
         rich_help_panel=CURVATURE,
     ),
     structure: str = typer.Option(

@@ -170,8 +170,8 @@ class PruneSettings:
         """Curvature re-estimations per step in force: ``shots``, or for 0 (auto) 1, except
         in a run that applies the rows update and fine-tunes nowhere: ceil(10 / steps), so
         that the run re-estimates at least 10 times in all. Measured (BENCHMARKS.md
-        `oneshot`, 784-40-20-10 MLP, 95%, no fine-tuning): one step 82.0% with 1 shot,
-        88.4% with 10; 10 steps of 1 shot 91.9%; magnitude 83.5%."""
+        `oneshot`, 784-40-20-10 MLP, 95%, no fine-tuning): one step 81.6% with 1 shot,
+        88.8% with 10; 10 steps of 1 shot 90.5%; magnitude 83.5%."""
         if self.shots > 0:
             return self.shots
         one_shot = self.finetune_epochs <= 0 and self.final_epochs <= 0
@@ -186,8 +186,8 @@ class PruneSettings:
         (finetune_epochs = final_epochs = 0) and prunes single weights; in both cases only
         for a criterion that ranks on a KFAC/EKFAC curvature without reconstructing. 'none'
         otherwise. Measured (BENCHMARKS.md `oneshot`, `default_*`): without fine-tuning the
-        update is what recovers the loss (obd, 10 steps, 95%: 91.5% with it, 75.3% without,
-        82.8% for magnitude); with fine-tuning obs + rows leads at 90-95% and obd without
+        update is what recovers the loss (obd, 10 steps, 95%: 90.5% with it, 77.9% without,
+        83.5% for magnitude); with fine-tuning obs + rows leads at 90-95% and obd without
         an update at 98.85%."""
         one_shot = self.finetune_epochs <= 0 and self.final_epochs <= 0
         if not (self._auto_obs() or (one_shot and self.structure == "unstructured")):
