@@ -29,7 +29,7 @@ from prunekit.export.modes import QuantizationRefused
 from prunekit.finetune import AUTO, LR_CANDIDATES, LR_SCHEDULES, OPTIMIZERS, PROBE_STEPS
 from prunekit.loop import run_pruning
 from prunekit.models import EXAMPLES
-from prunekit.obsupdate import HELD_OUT
+from prunekit.obsupdate import HELD_OUT, MAX_GROUPS
 from prunekit.preflight import check_step_modes
 from prunekit.prune.masks import SCOPES
 from prunekit.prune.schedules import SCHEDULES, schedule
@@ -400,8 +400,9 @@ def explain_recipe(recipe: dict) -> dict:
         )
     if settings.update_mode in DAMPED_UPDATES:
         notes.append(
-            f"{settings.update_mode} update: per step, 3 evaluations per factored layer (plus "
-            f"one) of up to {HELD_OUT} validation examples choose the damping (not counted)"
+            f"{settings.update_mode} update: per step, 1 + 3 evaluations per factored layer "
+            f"(layers in at most {MAX_GROUPS} groups) of up to {HELD_OUT} validation examples "
+            "choose the damping (not counted)"
         )
     if settings.criterion == AUTO_CRITERION:
         notes.append(f"criterion auto: {settings.criterion_name}, update {settings.update_mode}")
