@@ -63,7 +63,9 @@ def main() -> None:
         state = {k: v.clone() for k, v in model.state_dict().items()}
         for lr in ("auto", 0.01):
             model.load_state_dict(state)
-            settings = PruneSettings(sparsity=args.sparsity, steps=args.steps, lr=lr, ntk=False)
+            settings = PruneSettings(
+                criterion="obd", sparsity=args.sparsity, steps=args.steps, lr=lr, ntk=False
+            )
             start = time.perf_counter()
             report = run_pruning(model, data, settings).report
             seconds = time.perf_counter() - start

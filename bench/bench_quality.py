@@ -129,7 +129,7 @@ def default_budget_modes() -> list[Mode]:
     2 final), every row at lr 'auto' like the CLI."""
     budget = (10, 1.0, 2.0)
     rows = [
-        Mode("defaults (PruneSettings())", {}, budget),
+        Mode("obd, EKFAC (the default before `auto`)", {"criterion": "obd"}, budget),
         Mode("GMP: magnitude at the same budget", {"criterion": "magnitude"}, budget),
         Mode("obd, exact diag", {"criterion": "obd", "fisher": "diag", "labels": "exact"}, budget),
         Mode("obs + summed update", {"criterion": "obs", **summed_update()}, budget),
