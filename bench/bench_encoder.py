@@ -104,6 +104,7 @@ QUALITY_MODES = [  # (label, prune() overrides, sparsities it runs at (None = al
     ("obd, shots 4", {"criterion": "obd", "shots": 4}, (0.7,)),
     ("obd + rows update", {"criterion": "obd", "update": "rows"}, (0.7,)),
     ("obs + rows update", {"criterion": "obs", "update": "rows"}, (0.7,)),
+    ("default (criterion auto)", {}, (0.7,)),  # obs + rows here, the damping search bounded
 ]
 GOAL_CENTERED_70 = 0.99425  # halfway from 0.9885 (obd at 70%, 2026-11-29) to 1.0
 BUDGET_S = 25 * 60  # the whole bench (issue 16): later modes are skipped past it
@@ -113,12 +114,12 @@ OLD_OBD_50 = {"seconds": 72.0, "cosine": 0.9996, "centered": 0.9954}  # 2026-11-
 
 def mode_missing(overrides: dict) -> list[str]:
     """What this checkout lacks for a mode (unknown settings or criterion)."""
-    from prunekit.criteria import CRITERIA
-    from prunekit.settings import PruneSettings
+    from prunekit.settings import PruneSettings, criterion_choices
 
     out = [k for k in overrides if k not in PruneSettings.__dataclass_fields__]
-    if overrides.get("criterion") not in CRITERIA:
-        out.append(f"criterion {overrides.get('criterion')!r}")
+    name = overrides.get("criterion", PruneSettings.criterion)  # {} = the default criterion
+    if name not in criterion_choices():
+        out.append(f"criterion {name!r}")
     return out
 
 
