@@ -112,8 +112,9 @@ def test_unknown_setting_names_the_valid_ones_and_changes_nothing(model):
 
 
 def test_bad_setting_value_is_a_setting_error(model):
-    with pytest.raises(SettingError, match="bogus"):
+    with pytest.raises(SettingError, match="bogus") as err:
         prunekit.prune(model, "digits", criterion="bogus")
+    assert "auto" in str(err.value) and "obs" in str(err.value)
 
 
 def test_magnitude_prune_keeps_the_largest_weights(model):

@@ -344,6 +344,7 @@ def test_validation_error_without_quiet_prints_exactly_one_line(tmp_path, digits
     )
     assert code == 2
     assert stderr.startswith("error: ") and stderr.count("\n") == 1, repr(stderr)
+    assert "'bogus'" in stderr and "auto" in stderr and "obd" in stderr  # what is valid
 
 
 @pytest.mark.parametrize(
