@@ -400,9 +400,9 @@ def explain_recipe(recipe: dict) -> dict:
         )
     if settings.update_mode in DAMPED_UPDATES:
         notes.append(
-            f"{settings.update_mode} update: per step, 1 + 3 evaluations per factored layer "
-            f"(layers in at most {MAX_GROUPS} groups) of up to {HELD_OUT} validation examples "
-            "choose the damping (not counted)"
+            f"{settings.update_mode} update: per step, 1 + 3 evaluations per group of factored "
+            f"layers (one layer each, at most {MAX_GROUPS} groups) of up to {HELD_OUT} validation "
+            "examples choose the damping (not counted)"
         )
     if settings.criterion == AUTO_CRITERION:
         notes.append(f"criterion auto: {settings.criterion_name}, update {settings.update_mode}")
